@@ -1,0 +1,109 @@
+"""The fedpeft ClientApp: a site's answer to the server's train and evaluate messages.
+
+A site receives the global adapter as one flat float32 array, trains the tensors the
+strategy names on its own data, and replies with the *delta* of exactly those tensors,
+their names and sizes, and a few figures. Base weights, raw data and per-example
+gradients never leave the site. A failure becomes an error reply the server records.
+
+``app`` (the module attribute) is what Flower loads in a real deployment; it reads its
+configuration from the run config. :func:`make_client_app` with a configuration is what
+``fedpeft simulate`` hands to Flower's simulation engine; both run the same handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from fedpeft import constants as K
+from fedpeft.client.site import Site, load_site
+from fedpeft.client.train import evaluate_local, train_local
+from fedpeft.config import FedPeftConfig, from_run_config
+
+logger = logging.getLogger(__name__)
+
+
+def _global_flat(msg: Message, site: Site) -> np.ndarray:
+    flat = msg.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
+    if flat.dtype != np.float32 or flat.shape != (site.loaded.layout.size,):
+        raise ValueError(
+            f"global adapter has dtype {flat.dtype} and shape {flat.shape}, but this site's "
+            f"model expects float32 ({site.loaded.layout.size},): site and server run different "
+            "model or LoRA settings."
+        )
+    return flat
+
+
+def handle_train(msg: Message, site: Site) -> RecordDict:
+    """Train locally and return the delta of the tensors the server asked for."""
+    instructions = msg.content.config_records[K.CONFIG]
+    round_number = int(instructions[K.CFG_ROUND])
+    trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]
+    result = train_local(
+        site.loaded, site.data.train, global_flat=_global_flat(msg, site),
+        trained_names=trained_names, config=site.config.train, device=site.device,
+        seed=site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode()),
+    )
+    layout = site.loaded.layout.subset(lambda n: n in set(trained_names))
+    return RecordDict({
+        K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(result.delta)}),
+        K.LAYOUT: ConfigRecord({K.LAYOUT_NAMES: list(layout.names),
+                                K.LAYOUT_NUMELS: list(layout.numels)}),
+        K.METRICS: MetricRecord({
+            K.MET_NUM_EXAMPLES: result.num_examples, K.MET_TRAIN_LOSS: result.train_loss,
+            K.MET_SECONDS: result.seconds,
+        }),
+    })
+
+
+def handle_evaluate(msg: Message, site: Site) -> RecordDict:
+    """Evaluate the global adapter on the site's held-out split."""
+    result = evaluate_local(
+        site.loaded, site.data.test, global_flat=_global_flat(msg, site),
+        batch_size=site.config.train.eval_batch_size, device=site.device,
+    )
+    return RecordDict({K.METRICS: MetricRecord({
+        K.MET_NUM_EXAMPLES: result.num_examples, K.MET_EVAL_LOSS: result.loss,
+        K.MET_EVAL_ACCURACY: result.accuracy, K.MET_SECONDS: result.seconds,
+    })})
+
+
+def _answer(
+    msg: Message, context: Context, config: FedPeftConfig | None,
+    handler: Callable[[Message, Site], RecordDict],
+) -> Message:
+    try:
+        resolved = config if config is not None else from_run_config(context.run_config)
+        site = load_site(resolved, context.node_config)
+        return Message(handler(msg, site), reply_to=msg)
+    except Exception as err:  # a site's failure is a recorded error, not a crashed federation
+        logger.exception("site failed to handle %s", msg.metadata.message_type)
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                  reason=f"{type(err).__name__}: {err}"),
+            reply_to=msg,
+        )
+
+
+def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
+    """A ClientApp; with ``config`` it skips reading the run config (simulation)."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _answer(msg, context, config, handle_train)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _answer(msg, context, config, handle_evaluate)
+
+    return client_app
+
+
+app = make_client_app()

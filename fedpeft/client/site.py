@@ -1,0 +1,98 @@
+"""Everything a site keeps between messages: its configuration, model and data.
+
+This module owns *where a site's resources come from*: the composed configuration,
+the node config its operator set (data path, device), the base model with its adapter
+(loaded once per process and reused across rounds and runs), and the site's tokenised
+train / held-out splits. In a simulation a site's data is one partition of a shared
+dataset; at a real site it is the operator's own file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import datasets
+import torch
+from flwr_datasets.partitioner import Partitioner
+
+from fedpeft import constants as K
+from fedpeft.config import ConfigError, FedPeftConfig
+from fedpeft.data import (
+    SiteData,
+    load_dataset,
+    load_file,
+    partition_dataset,
+    split_site,
+    tokenize,
+)
+from fedpeft.model import LoadedModel, cached_model, resolve_device
+
+
+@dataclass
+class Site:
+    """A site's resources for one configuration."""
+
+    name: str
+    config: FedPeftConfig
+    loaded: LoadedModel
+    data: SiteData
+    device: torch.device
+
+
+_PARTITIONERS: dict[str, Partitioner] = {}
+_SITES: dict[str, Site] = {}
+
+
+def _shared_partitioner(config: FedPeftConfig) -> Partitioner:
+    key = repr((config.data, config.federation, config.model.task, config.seed))
+    if key not in _PARTITIONERS:
+        _PARTITIONERS.clear()  # one simulated dataset per process at a time
+        table = load_dataset(config.data, config.model.task, seed=config.seed)
+        _PARTITIONERS[key] = partition_dataset(
+            table, config.federation, config.data, config.model.task, seed=config.seed
+        )
+    return _PARTITIONERS[key]
+
+
+def _raw_site_table(config: FedPeftConfig, node_config: Mapping[str, object]) -> tuple[str, datasets.Dataset]:
+    data_path = node_config.get(K.NODE_DATA_PATH)
+    if data_path:
+        return f"site {data_path}", load_file(str(data_path), config.data, config.model.task)
+    if K.NODE_PARTITION_ID not in node_config:
+        raise ConfigError(
+            f"this node has neither '{K.NODE_DATA_PATH}' nor '{K.NODE_PARTITION_ID}' in its node "
+            f"config; start the SuperNode with --node-config \"{K.NODE_DATA_PATH}='/data/site.csv'\"."
+        )
+    partition_id = int(str(node_config[K.NODE_PARTITION_ID]))
+    partition = _shared_partitioner(config).load_partition(partition_id)
+    return f"site {partition_id}", partition
+
+
+def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
+    """The site's resources, built once per process for a configuration and node."""
+    device_name = str(node_config.get(K.NODE_DEVICE, config.train.device))
+    key = repr((config, sorted((str(k), str(v)) for k, v in node_config.items())))
+    if key in _SITES:
+        return _SITES[key]
+    if config.train.num_threads > 0:
+        torch.set_num_threads(config.train.num_threads)
+    device = resolve_device(device_name)
+    name, table = _raw_site_table(config, node_config)
+    train_table, test_table = split_site(
+        table, test_fraction=config.data.test_fraction, max_test=config.data.max_eval_examples,
+        seed=config.seed, source=name,
+    )
+    loaded = cached_model(config.model, config.lora, seed=config.seed, device=device)
+    data = SiteData(
+        train=tokenize(train_table, loaded.tokenizer, config=config.data,
+                       task=config.model.task, max_length=config.model.max_length),
+        test=tokenize(test_table, loaded.tokenizer, config=config.data,
+                      task=config.model.task, max_length=config.model.max_length),
+        num_train=len(train_table), num_test=len(test_table),
+    )
+    if len(_SITES) >= 64:  # a simulation actor may serve many virtual sites; bound memory
+        _SITES.pop(next(iter(_SITES)))
+    site = Site(name=name, config=config, loaded=loaded, data=data, device=device)
+    _SITES[key] = site
+    return site

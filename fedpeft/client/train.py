@@ -1,0 +1,176 @@
+"""A site's local work for one round: train the adapter, or evaluate it.
+
+This module owns the local loop: it sets the global adapter, trains the tensors the
+strategy names for ``train.local_steps`` optimiser steps, and returns the delta of
+those tensors. Per-example losses come from :mod:`fedpeft.losses` (the same ones DP-SGD
+clips); differential privacy wraps this loop through :mod:`fedpeft.privacy` rather than
+living inside it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import DataLoader
+
+from fedpeft.config import TrainConfig
+from fedpeft.data import TokenizedDataset, collate
+from fedpeft.losses import per_example_loss
+from fedpeft.model import LoadedModel, get_flat, set_flat
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training produced."""
+
+    delta: NDArray[np.float32]  # laid out as the trained subset of the adapter
+    num_examples: int
+    train_loss: float
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out figures of the global adapter at one site."""
+
+    loss: float
+    accuracy: float  # classification: exact match; causal LM: next-token accuracy
+    num_examples: int
+    seconds: float
+
+
+def make_loader(
+    dataset: TokenizedDataset, *, batch_size: int, pad_id: int, shuffle: bool, seed: int
+) -> DataLoader[Batch]:
+    """A data loader over a tokenised split with per-batch padding."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        collate_fn=partial(collate, pad_id=pad_id),
+    )
+
+
+def cycle(loader: DataLoader[Batch]) -> Iterator[Batch]:
+    """Batches from ``loader`` epoch after epoch, skipping empty (Poisson-sampled) ones."""
+    while True:
+        for batch in loader:
+            if batch[0].shape[0] > 0:
+                yield batch
+
+
+def forward_losses(loaded: LoadedModel, model: torch.nn.Module, batch: Batch,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example losses ``(B,)`` and the logits for one batch."""
+    ids, mask, labels = (t.to(device) for t in batch)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return per_example_loss(logits, labels, task=loaded.task), logits
+
+
+def prepare_trainable(loaded: LoadedModel, trained_names: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Make exactly ``trained_names`` require gradients; return them in layout order."""
+    wanted = set(trained_names)
+    unknown = wanted - set(loaded.layout.names)
+    if unknown:
+        raise ValueError(f"asked to train tensors that are not in the adapter: {sorted(unknown)[:3]}")
+    params = []
+    for name, param in loaded.peft_model.named_parameters():
+        param.requires_grad_(name in wanted)
+        if name in wanted:
+            params.append(param)
+    return params
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_local(
+    loaded: LoadedModel,
+    dataset: TokenizedDataset,
+    *,
+    global_flat: NDArray[np.float32],
+    trained_names: Sequence[str],
+    config: TrainConfig,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """Train the named adapter tensors for ``config.local_steps`` steps (no DP)."""
+    start = time.perf_counter()
+    model = loaded.peft_model
+    set_flat(model, loaded.layout, global_flat)
+    trained_layout = loaded.layout.subset(lambda n: n in set(trained_names))
+    before = get_flat(model, trained_layout)
+    params = prepare_trainable(loaded, trained_names)
+    optimizer = make_optimizer(params, config)
+    torch.manual_seed(seed)  # LoRA dropout
+    loader = make_loader(dataset, batch_size=config.batch_size,
+                         pad_id=int(loaded.tokenizer.pad_token_id), shuffle=True, seed=seed)
+    model.train()
+    losses: list[float] = []
+    batches = cycle(loader)
+    for _ in range(config.local_steps):
+        per_example, _ = forward_losses(loaded, model, next(batches), device)
+        loss = per_example.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    delta = get_flat(model, trained_layout) - before
+    return TrainResult(
+        delta=delta.astype(np.float32), num_examples=len(dataset),
+        train_loss=float(np.mean(losses)), steps=len(losses),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def evaluate_local(
+    loaded: LoadedModel,
+    dataset: TokenizedDataset,
+    *,
+    global_flat: NDArray[np.float32],
+    batch_size: int,
+    device: torch.device,
+) -> EvalResult:
+    """Mean loss and accuracy of the global adapter on a held-out split."""
+    start = time.perf_counter()
+    model = loaded.peft_model
+    set_flat(model, loaded.layout, global_flat)
+    model.eval()
+    loader = make_loader(dataset, batch_size=batch_size,
+                         pad_id=int(loaded.tokenizer.pad_token_id), shuffle=False, seed=0)
+    loss_sum = correct = count = 0.0
+    for ids, mask, labels in loader:
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if loaded.task == "classification":
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += float((logits.argmax(-1) == labels).sum())
+            count += labels.shape[0]
+        else:
+            # token level: position t predicts token t+1; -100 marks prompt and padding
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            valid = shift_labels != -100
+            loss_sum += float(torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum"))
+            correct += float(((shift_logits.argmax(-1) == shift_labels) & valid).sum())
+            count += float(valid.sum())
+    model.train()
+    mean_loss = loss_sum / count if count else math.nan
+    return EvalResult(
+        loss=mean_loss, accuracy=correct / count if count else math.nan,
+        num_examples=len(dataset), seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,283 @@
+"""Typed configuration: schemas, composition from ``conf/``, validation, transport.
+
+This module owns the configuration's *shape* and its *checks*. Presets live as YAML
+in the ``conf/`` config groups; Hydra composes them over the frozen-in-spirit schemas
+below (registered in Hydra's ConfigStore), so an unknown key or a value of the wrong
+type fails at composition. :func:`validate` then checks ranges and combinations and
+raises once with every problem found.
+
+The resolved configuration crosses the network only as plain YAML text that is parsed
+back into these schemas (never ``instantiate()``-d), see :func:`to_yaml` and
+:func:`from_yaml`.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASKS = ("classification", "causal_lm")
+PARTITIONS = ("iid", "dirichlet", "column")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and for which task.
+
+    ``loader`` picks from :data:`fedpeft.model.MODEL_LOADERS`: ``minilm`` (embedded
+    all-MiniLM-L6-v2), ``local`` (any Hugging Face folder at ``path``), ``tiny-bert`` /
+    ``tiny-llama`` (random tiny models built in-process, for tests).
+    """
+
+    loader: str = "minilm"
+    path: str | None = None
+    task: str = "classification"
+    num_labels: int = 2
+    max_length: int = 64
+    # Sizes of the in-process tiny models; ignored by the other loaders.
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter hyper-parameters (peft ``LoraConfig``)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how each site splits them.
+
+    ``dataset`` picks from :data:`fedpeft.data.DATASETS`: ``rotten_tomatoes`` (embedded)
+    or ``file`` (CSV/JSONL at ``path``). A real site overrides ``path`` through its node
+    config key ``data-path``.
+    """
+
+    dataset: str = "rotten_tomatoes"
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    test_fraction: float = 0.2
+    # Cap on the whole dataset before it is split into sites (None: all of it).
+    max_examples: int | None = None
+    # Cap on each site's held-out split, to keep evaluation cheap (None: all of it).
+    max_eval_examples: int | None = 200
+
+
+@dataclass
+class TrainConfig:
+    """Local training at a site, per round."""
+
+    local_steps: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    device: str = "auto"
+    # torch threads per site process; 0 keeps torch's default.
+    num_threads: int = 0
+
+
+@dataclass
+class FederationConfig:
+    """Size and schedule of the federation and how a simulated dataset is split."""
+
+    num_sites: int = 5
+    rounds: int = 3
+    fraction: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    partition_column: str | None = None
+    min_partition_size: int = 20
+    round_timeout: float = 3600.0
+    # Simulation only: CPU cores / GPUs reserved per virtual site. 0 cores = all of this
+    # machine's cores, i.e. one site trains at a time (fastest on a small CPU machine).
+    client_cpus: float = 0.0
+    client_gpus: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    """Server-side aggregation of the sites' adapter updates."""
+
+    name: str = "fedavg"
+    server_lr: float = 1.0
+
+
+@dataclass
+class FedPeftConfig:
+    """The whole resolved configuration of one federation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    experiment_name: str = "default"
+    output_dir: str | None = None
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="fedpeft_schema", node=FedPeftConfig)
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` folder: packaged inside ``fedpeft`` or at the project root."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ConfigError(
+        f"No 'conf/config.yaml' found beside {here} or its parent; reinstall fedpeft "
+        "or run from the project root."
+    )
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> FedPeftConfig:
+    """Compose ``conf/config.yaml`` with Hydra ``key=value`` overrides and validate it.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key, an unknown preset, a wrong type or an out-of-range value.
+    """
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(
+            f"Bad configuration override in {list(overrides)}: {err}. Valid keys and "
+            "presets are listed in conf/ (e.g. 'federation.num_sites=5', 'model=minilm')."
+        ) from None
+    return _to_object(cfg)
+
+
+def _to_object(cfg: DictConfig) -> FedPeftConfig:
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"Incomplete configuration: {err}. Give the missing value as an override, "
+            "e.g. 'data.path=/data/site.csv'."
+        ) from None
+    if not isinstance(obj, FedPeftConfig):
+        raise ConfigError(f"Configuration did not resolve to FedPeftConfig: {type(obj)}")
+    validate(obj)
+    return obj
+
+
+def to_yaml(config: FedPeftConfig) -> str:
+    """The configuration as YAML text (what ``config.yaml`` and the network carry)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+@functools.lru_cache(maxsize=8)
+def from_yaml(text: str) -> FedPeftConfig:
+    """Parse YAML produced by :func:`to_yaml` back into a validated schema object."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedPeftConfig), OmegaConf.create(text))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Received configuration does not match the schema: {err}") from None
+    return _to_object(cast(DictConfig, merged))
+
+
+def _problems(config: FedPeftConfig) -> list[str]:
+    from fedpeft.data import DATASETS
+    from fedpeft.model import MODEL_LOADERS
+    from fedpeft.server.strategies import STRATEGIES
+
+    m, d, t, f = config.model, config.data, config.train, config.federation
+    checks: list[tuple[bool, str]] = [
+        (m.loader in MODEL_LOADERS, f"model.loader={m.loader!r}: allowed {sorted(MODEL_LOADERS)}"),
+        (m.task in TASKS, f"model.task={m.task!r}: allowed {list(TASKS)}"),
+        (m.loader != "local" or bool(m.path), "model.loader=local needs model.path=/a/folder"),
+        (m.num_labels >= 2, f"model.num_labels={m.num_labels}: must be >= 2"),
+        (m.max_length >= 8, f"model.max_length={m.max_length}: must be >= 8"),
+        (config.lora.r >= 1, f"lora.r={config.lora.r}: must be >= 1"),
+        (0.0 <= config.lora.dropout < 1.0, f"lora.dropout={config.lora.dropout}: must be in [0, 1)"),
+        (bool(config.lora.target_modules), "lora.target_modules is empty: name the layers to adapt"),
+        (d.dataset in DATASETS, f"data.dataset={d.dataset!r}: allowed {sorted(DATASETS)}"),
+        (d.dataset != "file" or bool(d.path), "data.dataset=file needs data.path=/a/file.csv"),
+        (0.0 < d.test_fraction < 1.0, f"data.test_fraction={d.test_fraction}: must be in (0, 1)"),
+        (t.local_steps >= 1, f"train.local_steps={t.local_steps}: must be >= 1"),
+        (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
+        (t.lr > 0, f"train.lr={t.lr}: must be > 0"),
+        (t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: allowed {list(OPTIMIZERS)}"),
+        (t.device in DEVICES, f"train.device={t.device!r}: allowed {list(DEVICES)}"),
+        (f.num_sites >= 1, f"federation.num_sites={f.num_sites}: must be >= 1"),
+        (f.rounds >= 1, f"federation.rounds={f.rounds}: must be >= 1"),
+        (0.0 < f.fraction <= 1.0, f"federation.fraction={f.fraction}: must be in (0, 1]"),
+        (0.0 <= f.fraction_evaluate <= 1.0,
+         f"federation.fraction_evaluate={f.fraction_evaluate}: must be in [0, 1]"),
+        (1 <= f.min_sites <= f.num_sites,
+         f"federation.min_sites={f.min_sites}: must be in [1, federation.num_sites={f.num_sites}]"),
+        (f.partition in PARTITIONS, f"federation.partition={f.partition!r}: allowed {list(PARTITIONS)}"),
+        (f.alpha > 0, f"federation.alpha={f.alpha}: must be > 0"),
+        (f.partition != "column" or bool(f.partition_column),
+         "federation.partition=column needs federation.partition_column=NAME"),
+        (config.strategy.name in STRATEGIES,
+         f"strategy.name={config.strategy.name!r}: allowed {sorted(STRATEGIES)}"),
+        (config.strategy.server_lr > 0, f"strategy.server_lr={config.strategy.server_lr}: must be > 0"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def validate(config: FedPeftConfig) -> None:
+    """Raise one :class:`ConfigError` listing every problem in ``config``."""
+    problems = _problems(config)
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ConfigError(f"Invalid configuration ({len(problems)} problem(s)):\n  - {listing}")
+
+
+def as_dict(config: FedPeftConfig) -> dict[str, Any]:
+    """The configuration as plain nested dicts (for JSON reports)."""
+    out = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(config)))
+    return out
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedPeftConfig:
+    """The one place that reads Flower's ``run_config``: compose its Hydra overrides.
+
+    The coordinator submits ``flwr run . FED --run-config 'overrides="k=v k2=v2"'``; the
+    ServerApp and every ClientApp compose the same ``conf/`` with the same overrides.
+    """
+    from fedpeft.constants import RUN_OVERRIDES
+
+    raw = run_config.get(RUN_OVERRIDES, "")
+    if not isinstance(raw, str):
+        raise ConfigError(f"run config {RUN_OVERRIDES!r} must be a string, got {type(raw).__name__}")
+    return _compose_cached(tuple(shlex.split(raw)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compose_cached(overrides: tuple[str, ...]) -> FedPeftConfig:
+    return compose_config(overrides)

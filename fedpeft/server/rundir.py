@@ -1,0 +1,118 @@
+"""The run directory: what a federation leaves behind for people and for a restart.
+
+Owns the files of PRODUCT.md's contract: ``config.yaml``, ``metrics.jsonl`` (one JSON
+object per round), ``adapter/`` (the latest global adapter in PEFT format) and
+``checkpoints/`` (what a restarted server needs). Every file is written to a temporary
+name and renamed into place, so a crash leaves the previous complete version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+CHECKPOINT_KEEP = 2  # the newest two, so a crash while writing one leaves the other
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``, replacing an older one."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The server's state after a finished round."""
+
+    round: int
+    global_flat: NDArray[np.float32]
+    state: dict[str, Any]  # strategy state, RNG state, anything JSON-able
+
+
+class RunDir:
+    """Writer (and reader) of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints.mkdir(exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / "adapter"
+
+    def write_config(self, yaml_text: str) -> None:
+        _atomic_write_text(self.path / "config.yaml", yaml_text)
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        _atomic_write_text(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one round's figures; rewritten whole so a crash never leaves half a line."""
+        rows = self.read_metrics()
+        rows = [r for r in rows if r.get("round") != row.get("round")] + [row]
+        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def adapter_writer(self) -> Path:
+        """A fresh temporary folder to save the adapter into; pass it to :meth:`commit_adapter`."""
+        return Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter."))
+
+    def commit_adapter(self, tmp: Path) -> None:
+        _replace_dir(tmp, self.adapter_path)
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
+        """Write ``checkpoints/round-NNNN/`` atomically and prune older ones."""
+        final = self.checkpoints / f"round-{checkpoint.round:04d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
+        np.save(tmp / "global.npy", checkpoint.global_flat)
+        (tmp / "state.json").write_text(
+            json.dumps({"round": checkpoint.round, **checkpoint.state}, indent=1), encoding="utf-8"
+        )
+        _replace_dir(tmp, final)
+        for stale in sorted(self.checkpoints.glob("round-*"))[:-CHECKPOINT_KEEP]:
+            shutil.rmtree(stale)
+        return final
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+        found = sorted(self.checkpoints.glob("round-*"))
+        if not found:
+            return None
+        folder = found[-1]
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        flat = np.load(folder / "global.npy").astype(np.float32)
+        return Checkpoint(round=int(state.pop("round")), global_flat=flat, state=state)
