@@ -132,6 +132,23 @@ class StrategyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+) of the sites' updates.
+
+    ``clip_range`` bounds every element of a site's update before fixed-point
+    quantisation (values beyond it are clipped; a LoRA delta of one round is orders of
+    magnitude smaller). ``num_neighbours`` / ``threshold``: None picks SecAgg+'s
+    defaults for the number of sampled sites.
+    """
+
+    enabled: bool = False
+    clip_range: float = 1.0
+    num_neighbours: int | None = None
+    threshold: int | None = None
+    stage_timeout: float = 600.0
+
+
+@dataclass
 class FedPeftConfig:
     """The whole resolved configuration of one federation."""
 
@@ -141,6 +158,7 @@ class FedPeftConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     experiment_name: str = "default"
     output_dir: str | None = None
     seed: int = 0
@@ -246,6 +264,9 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (config.strategy.name in STRATEGIES,
          f"strategy.name={config.strategy.name!r}: allowed {sorted(STRATEGIES)}"),
         (config.strategy.server_lr > 0, f"strategy.server_lr={config.strategy.server_lr}: must be > 0"),
+        (config.secagg.clip_range > 0, f"secagg.clip_range={config.secagg.clip_range}: must be > 0"),
+        (not config.secagg.enabled or config.federation.min_sites >= 2,
+         "secagg.enabled=true needs federation.min_sites >= 2 (a sum of one site is that site)"),
     ]
     return [message for ok, message in checks if not ok]
 

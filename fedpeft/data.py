@@ -32,8 +32,6 @@ from fedpeft.config import ConfigError, DataConfig, FederationConfig
 from fedpeft.losses import IGNORE_INDEX
 
 
-
-
 def _required_columns(config: DataConfig, task: str) -> tuple[str, str]:
     if task == "classification":
         return config.text_column, config.label_column
@@ -177,7 +175,11 @@ def partition_dataset(
     try:
         count = partitioner.num_partitions
     except ValueError as err:
-        raise ConfigError(f"could not split the dataset into sites: {err}") from None
+        raise ConfigError(
+            f"could not split the dataset into {federation.num_sites} sites with "
+            f"federation.partition={federation.partition}: {err} Raise federation.alpha, lower "
+            "federation.min_partition_size or federation.num_sites."
+        ) from None
     if count != federation.num_sites:
         raise ConfigError(
             f"federation.partition=column on {federation.partition_column!r} gives {count} sites "

@@ -69,6 +69,10 @@ class LoadedModel:
     task: str
 
 
+# Tiny random models must be the same "pretrained" model on every side of a federation.
+TINY_WEIGHTS_SEED = 1234
+
+
 def _byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in-process (no files, no network) for tiny models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -98,7 +102,9 @@ def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
         intermediate_size=2 * config.hidden_size, max_position_embeddings=config.max_length + 8,
         num_labels=config.num_labels, pad_token_id=tokenizer.pad_token_id,
     )
-    return BertForSequenceClassification(bert), tokenizer
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_WEIGHTS_SEED)
+        return BertForSequenceClassification(bert), tokenizer
 
 
 def _tiny_llama(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -111,9 +117,11 @@ def _tiny_llama(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
-    if config.task == "classification":
-        return LlamaForSequenceClassification(llama), tokenizer
-    return LlamaForCausalLM(llama), tokenizer
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_WEIGHTS_SEED)
+        if config.task == "classification":
+            return LlamaForSequenceClassification(llama), tokenizer
+        return LlamaForCausalLM(llama), tokenizer
 
 
 def _from_folder(

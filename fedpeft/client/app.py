@@ -16,8 +16,20 @@ import logging
 import zlib
 from collections.abc import Callable
 
+from dataclasses import dataclass
+
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from numpy.typing import NDArray
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -25,11 +37,12 @@ from fedpeft import constants as K
 from fedpeft.client.site import Site, load_site
 from fedpeft.client.train import evaluate_local, train_local
 from fedpeft.config import FedPeftConfig, from_run_config
+from fedpeft.model import AdapterLayout
 
 logger = logging.getLogger(__name__)
 
 
-def _global_flat(msg: Message, site: Site) -> np.ndarray:
+def _global_flat(msg: Message, site: Site) -> NDArray[np.float32]:
     flat = msg.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
     if flat.dtype != np.float32 or flat.shape != (site.loaded.layout.size,):
         raise ValueError(
@@ -40,25 +53,40 @@ def _global_flat(msg: Message, site: Site) -> np.ndarray:
     return flat
 
 
-def handle_train(msg: Message, site: Site) -> RecordDict:
-    """Train locally and return the delta of the tensors the server asked for."""
+@dataclass(frozen=True)
+class LocalUpdate:
+    """A site's update for one round, before it is packed or masked."""
+
+    delta: NDArray[np.float32]  # laid out as ``layout``
+    layout: AdapterLayout
+    metrics: dict[str, int | float]  # figures reported next to the update
+
+
+def local_update(msg: Message, site: Site) -> LocalUpdate:
+    """Train on the site's data as the train instruction ``msg`` asks; return the delta."""
     instructions = msg.content.config_records[K.CONFIG]
-    round_number = int(instructions[K.CFG_ROUND])
-    trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]
+    round_number = int(instructions[K.CFG_ROUND])  # type: ignore[arg-type]
+    trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]  # type: ignore[union-attr]
     result = train_local(
         site.loaded, site.data.train, global_flat=_global_flat(msg, site),
         trained_names=trained_names, config=site.config.train, device=site.device,
         seed=site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode()),
     )
     layout = site.loaded.layout.subset(lambda n: n in set(trained_names))
+    return LocalUpdate(delta=result.delta, layout=layout, metrics={
+        K.MET_NUM_EXAMPLES: result.num_examples, K.MET_TRAIN_LOSS: result.train_loss,
+        K.MET_SECONDS: result.seconds,
+    })
+
+
+def handle_train(msg: Message, site: Site) -> RecordDict:
+    """Train locally and return the delta of the tensors the server asked for."""
+    update = local_update(msg, site)
     return RecordDict({
-        K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(result.delta)}),
-        K.LAYOUT: ConfigRecord({K.LAYOUT_NAMES: list(layout.names),
-                                K.LAYOUT_NUMELS: list(layout.numels)}),
-        K.METRICS: MetricRecord({
-            K.MET_NUM_EXAMPLES: result.num_examples, K.MET_TRAIN_LOSS: result.train_loss,
-            K.MET_SECONDS: result.seconds,
-        }),
+        K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(update.delta)}),
+        K.LAYOUT: ConfigRecord({K.LAYOUT_NAMES: list(update.layout.names),
+                                K.LAYOUT_NUMELS: list(update.layout.numels)}),
+        K.METRICS: MetricRecord(dict(update.metrics)),
     })
 
 

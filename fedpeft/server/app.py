@@ -29,10 +29,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft import constants as K
 from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
+from fedpeft.server.aggregation import Aggregation, PlainAggregation, RoundRequest
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import Checkpoint, RunDir
-from fedpeft.server.strategies import Strategy, make_strategy, weighted_mean
-from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
+from fedpeft.server.strategies import Strategy, make_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Federation:
         self.strategy: Strategy = make_strategy(config.strategy, self.loaded.layout)
         self.global_flat = get_flat(self.loaded.peft_model, self.loaded.layout)
         self.rng = np.random.default_rng(config.seed)
+        self.aggregation: Aggregation = PlainAggregation()
         self.next_round = 1
 
     # --- checkpoints ---------------------------------------------------------------------
@@ -108,47 +109,24 @@ class Federation:
     # --- one round ------------------------------------------------------------------------
     def train_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
         fed = self.config.federation
-        trained = self.strategy.trained_layout()
-        content = RecordDict({
-            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(self.global_flat)}),
-            K.CONFIG: ConfigRecord({K.CFG_ROUND: round_number,
-                                    K.CFG_TRAIN_NAMES: list(trained.names)}),
-        })
-        replies = list(self.grid.send_and_receive(
-            _messages(nodes, content, MessageType.TRAIN), timeout=fed.round_timeout))
-        accepted: list[TrainReply] = []
-        failures: dict[str, str] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                failures[str(node)] = str(reply.error.reason)
-                logger.warning("round %d: site %d failed: %s", round_number, node, reply.error.reason)
-                continue
-            try:
-                accepted.append(check_train_reply(reply, trained))
-            except ReplyRejected as err:
-                failures[str(node)] = f"rejected: {err}"
-                logger.warning("round %d: update rejected: %s", round_number, err)
-        answered = {r.metadata.src_node_id for r in replies}
-        dropped = [n for n in nodes if n not in answered]
-        updated = len(accepted) >= fed.min_sites
-        if updated:
-            mean_delta = weighted_mean([r.delta for r in accepted],
-                                       [r.num_examples for r in accepted])
-            self.global_flat = self.strategy.apply(self.global_flat, mean_delta)
+        request = RoundRequest(
+            round_number=round_number, nodes=nodes, global_flat=self.global_flat,
+            trained=self.strategy.trained_layout(), min_sites=fed.min_sites,
+            timeout=fed.round_timeout)
+        outcome = self.aggregation.run_round(self.grid, request)
+        updated = outcome.mean_delta is not None
+        if outcome.mean_delta is not None:
+            self.global_flat = self.strategy.apply(self.global_flat, outcome.mean_delta)
         else:
             self.progress.message(
-                f"round {round_number}: {len(accepted)} usable update(s) < federation.min_sites="
-                f"{fed.min_sites}; global adapter unchanged")
-        weights = [r.num_examples for r in accepted]
+                f"round {round_number}: {len(outcome.contributors)} usable update(s), "
+                f"federation.min_sites={fed.min_sites}; global adapter unchanged")
         return {
-            "sites_sampled": len(nodes), "sites_replied": len(accepted),
-            "sites_failed": len(failures), "sites_dropped": len(dropped),
-            "failures": failures, "updated": updated,
-            "train_loss": (float(np.average([r.train_loss for r in accepted], weights=weights))
-                           if accepted else None),
-            "bytes_down": int(self.global_flat.nbytes) * len(nodes),
-            "bytes_up": sum(r.bytes_up for r in accepted),
+            "sites_sampled": len(nodes), "sites_replied": len(outcome.contributors),
+            "sites_failed": len(outcome.failures), "sites_dropped": len(outcome.dropped),
+            "failures": outcome.failures, "updated": updated, "train_loss": outcome.train_loss,
+            "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
+            "site_metrics": outcome.site_metrics,
         }
 
     def evaluate_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:

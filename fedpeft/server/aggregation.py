@@ -1,0 +1,117 @@
+"""How the sites' updates reach the server: in the clear, or securely aggregated.
+
+An aggregation runs the training exchange(s) of one round and returns the sites'
+mean delta plus who took part. :class:`PlainAggregation` sends one train message per
+site and averages the validated replies weighted by their example counts;
+``fedpeft.server.secure_aggregation.SecureAggregation`` runs SecAgg+ so the server
+sees only the sum. Both give the same :class:`RoundOutcome`, so the round loop and the
+strategies do not know which one ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from numpy.typing import NDArray
+
+from fedpeft import constants as K
+from fedpeft.model import AdapterLayout
+from fedpeft.server.strategies import weighted_mean
+from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    """What the training exchange of one round produced."""
+
+    mean_delta: NDArray[np.float32] | None  # trained layout; None when too few sites
+    contributors: list[int]  # node ids whose updates are in mean_delta
+    failures: dict[str, str] = field(default_factory=dict)  # node id → reason
+    dropped: list[int] = field(default_factory=list)  # no answer at all
+    train_loss: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id → figures
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the round loop asks an aggregation to do."""
+
+    round_number: int
+    nodes: Sequence[int]
+    global_flat: NDArray[np.float32]
+    trained: AdapterLayout
+    min_sites: int
+    timeout: float
+
+
+def train_content(request: RoundRequest) -> RecordDict:
+    """The train instruction: global adapter plus which tensors to train."""
+    return RecordDict({
+        K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(request.global_flat)}),
+        K.CONFIG: ConfigRecord({K.CFG_ROUND: request.round_number,
+                                K.CFG_TRAIN_NAMES: list(request.trained.names)}),
+    })
+
+
+def site_figures(reply: Message) -> dict[str, Any]:
+    """The scalar figures a site reported next to its update (loss, ε, …)."""
+    metrics = reply.content.metric_records.get(K.METRICS)
+    if metrics is None:
+        return {}
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+class Aggregation(ABC):
+    """The training exchange of a round."""
+
+    @abstractmethod
+    def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
+        """Send the round's instructions, collect updates, return their mean."""
+
+
+class PlainAggregation(Aggregation):
+    """One train message per site; replies validated and averaged by example count."""
+
+    def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
+        content = train_content(request)
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+                    for n in request.nodes]
+        replies = list(grid.send_and_receive(messages, timeout=request.timeout))
+        accepted: list[TrainReply] = []
+        outcome = RoundOutcome(mean_delta=None, contributors=[],
+                               bytes_down=int(request.global_flat.nbytes) * len(request.nodes))
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                outcome.failures[str(node)] = str(reply.error.reason)
+                logger.warning("round %d: site %d failed: %s", request.round_number, node,
+                               reply.error.reason)
+                continue
+            try:
+                accepted.append(check_train_reply(reply, request.trained))
+                outcome.site_metrics[str(node)] = site_figures(reply)
+            except ReplyRejected as err:
+                outcome.failures[str(node)] = f"rejected: {err}"
+                logger.warning("round %d: update rejected: %s", request.round_number, err)
+        answered = {r.metadata.src_node_id for r in replies}
+        outcome.dropped = [n for n in request.nodes if n not in answered]
+        outcome.contributors = [r.node_id for r in accepted]
+        outcome.bytes_up = sum(r.bytes_up for r in accepted)
+        if accepted:
+            weights = [r.num_examples for r in accepted]
+            outcome.train_loss = float(np.average([r.train_loss for r in accepted], weights=weights))
+        if len(accepted) >= request.min_sites:
+            outcome.mean_delta = weighted_mean([r.delta for r in accepted],
+                                               [r.num_examples for r in accepted])
+        return outcome

@@ -1,0 +1,141 @@
+"""The server's round loop on an in-process grid: aggregation, failures, what it receives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+
+from fedpeft import constants as K
+from fedpeft.client.app import make_client_app
+from fedpeft.config import FedPeftConfig
+from fedpeft.model import build_model
+from fedpeft.server.app import Federation, run_federation
+from fedpeft.server.progress import Progress
+from fedpeft.server.rundir import RunDir
+from tests.conftest import tiny_config, write_classification_csv
+from tests.inprocess import InProcessGrid, Tamper
+
+
+def _grid(config: FedPeftConfig, tmp_path: Path, *, tamper: Tamper | None = None,
+          bad_node: int | None = None) -> InProcessGrid:
+    """Three sites, each with its own CSV file (a real site's node config)."""
+    configs: dict[int, dict[str, Any]] = {}
+    for node in (11, 22, 33):
+        path = write_classification_csv(tmp_path / f"site{node}.csv", n=60, seed=node)
+        configs[node] = {K.NODE_DATA_PATH: str(path if node != bad_node else tmp_path / "gone.csv")}
+    return InProcessGrid(make_client_app(config), configs, tamper=tamper)
+
+
+def test_server_receives_exactly_the_trainable_adapter(cls_csv: Path, tmp_path: Path) -> None:
+    config = tiny_config("classification", cls_csv, "federation.rounds=1")
+    grid = _grid(config, tmp_path)
+    run_federation(grid, config, run_dir=tmp_path / "run", progress=Progress())
+    loaded = build_model(config.model, config.lora, seed=config.seed)
+    trainable = {n: p.numel() for n, p in loaded.peft_model.named_parameters() if p.requires_grad}
+    base_names = {n for n, p in loaded.peft_model.named_parameters() if not p.requires_grad}
+    train_replies = [m for m in grid.received if K.LAYOUT in m.content.config_records]
+    assert len(train_replies) == 3
+    for reply in train_replies:
+        layout = reply.content.config_records[K.LAYOUT]
+        names = list(layout[K.LAYOUT_NAMES])  # type: ignore[arg-type]
+        assert set(names) == set(trainable) and not set(names) & base_names
+        assert all(".lora_" in n or ".modules_to_save." in n for n in names)
+        arrays = reply.content.array_records[K.ARRAYS]
+        assert list(arrays.keys()) == [K.ARRAY_FLAT]
+        assert arrays[K.ARRAY_FLAT].numpy().size == sum(trainable.values())
+        assert sum(layout[K.LAYOUT_NUMELS]) == sum(trainable.values())  # type: ignore[arg-type]
+
+
+def test_global_update_is_the_weighted_mean_of_deltas(cls_csv: Path, tmp_path: Path) -> None:
+    config = tiny_config("classification", cls_csv, "federation.rounds=1", "strategy.server_lr=1.0")
+    grid = _grid(config, tmp_path)
+    federation = Federation(grid, config, RunDir(tmp_path / "run"), Progress())
+    start = federation.global_flat.copy()
+    federation.run()
+    deltas, weights = [], []
+    for reply in grid.received:
+        if K.LAYOUT in reply.content.config_records:
+            deltas.append(reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy())
+            weights.append(int(reply.content.metric_records[K.METRICS][K.MET_NUM_EXAMPLES]))
+    expected = start + sum(w * d for w, d in zip(weights, deltas)) / sum(weights)  # type: ignore[operator]
+    np.testing.assert_allclose(federation.global_flat, expected, rtol=1e-5, atol=1e-7)
+    assert len(set(weights)) >= 1 and all(w > 0 for w in weights)
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_failing_site_is_recorded_and_round_goes_on(cls_csv: Path, tmp_path: Path) -> None:
+    config = tiny_config("classification", cls_csv)
+    run_federation(_grid(config, tmp_path, bad_node=22), config, run_dir=tmp_path / "run")
+    rows = _rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["sites_replied"] == 2 and row["sites_failed"] == 1 and row["updated"]
+        assert "does not exist" in row["failures"]["22"]
+
+
+@pytest.mark.parametrize("attack", ["nan", "wrong_length", "float64", "wrong_names", "no_arrays"])
+def test_malformed_update_is_rejected(attack: str, cls_csv: Path, tmp_path: Path) -> None:
+    def tamper(node: int, reply: Message) -> Message:
+        if node != 33 or K.LAYOUT not in reply.content.config_records:
+            return reply
+        flat = reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
+        if attack == "nan":
+            flat = flat.copy()
+            flat[0] = np.nan
+        elif attack == "wrong_length":
+            flat = np.concatenate([flat, np.zeros(3, np.float32)])
+        elif attack == "float64":
+            flat = flat.astype(np.float64)
+        elif attack == "wrong_names":
+            layout = reply.content.config_records[K.LAYOUT]
+            names = list(layout[K.LAYOUT_NAMES])  # type: ignore[arg-type]
+            names[0] = "base_model.model.bert.embeddings.word_embeddings.weight"
+            layout[K.LAYOUT_NAMES] = names
+        if attack == "no_arrays":
+            del reply.content.array_records[K.ARRAYS]
+        else:
+            reply.content.array_records[K.ARRAYS] = ArrayRecord({K.ARRAY_FLAT: Array(flat)})
+        return reply
+
+    config = tiny_config("classification", cls_csv, "federation.rounds=1")
+    run_federation(_grid(config, tmp_path, tamper=tamper), config, run_dir=tmp_path / "run")
+    (row,) = _rows(tmp_path / "run")
+    assert row["sites_replied"] == 2 and row["sites_failed"] == 1 and row["updated"]
+    assert row["failures"]["33"].startswith("rejected: node 33")
+
+
+def test_too_few_usable_updates_leave_the_adapter_unchanged(cls_csv: Path, tmp_path: Path) -> None:
+    config = tiny_config("classification", cls_csv, "federation.rounds=1", "federation.min_sites=3")
+    grid = _grid(config, tmp_path, tamper=lambda node, r: None if node == 11 else r)
+    federation = Federation(grid, config, RunDir(tmp_path / "run"), Progress())
+    before = federation.global_flat.copy()
+    federation.run()
+    (row,) = _rows(tmp_path / "run")
+    assert row["sites_dropped"] == 1 and not row["updated"]
+    assert np.array_equal(federation.global_flat, before)
+
+
+def test_fraction_samples_the_right_number_of_sites(cls_csv: Path, tmp_path: Path) -> None:
+    config = tiny_config("classification", cls_csv, "federation.fraction=0.5",
+                         "federation.min_sites=1", "federation.rounds=3")
+    run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
+    assert [r["sites_sampled"] for r in _rows(tmp_path / "run")] == [2, 2, 2]
+
+
+def test_checkpoint_holds_the_global_adapter(cls_csv: Path, tmp_path: Path) -> None:
+    config = tiny_config("classification", cls_csv)
+    federation = Federation(_grid(config, tmp_path), config, RunDir(tmp_path / "run"), Progress())
+    federation.run()
+    checkpoint = RunDir(tmp_path / "run").latest_checkpoint()
+    assert checkpoint is not None and checkpoint.round == 2
+    np.testing.assert_array_equal(checkpoint.global_flat, federation.global_flat)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "round-0001", "round-0002"]
