@@ -30,6 +30,8 @@ TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "column")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "sgd")
+ACCOUNTANTS = ("prv", "rdp")
+CLIPPING_MODES = ("hooks", "ghost", "functorch")
 
 
 class ConfigError(ValueError):
@@ -129,6 +131,32 @@ class StrategyConfig:
 
     name: str = "fedavg"
     server_lr: float = 1.0
+    server_optimizer: str = "average"  # average | adam (FedAdam)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_tau: float = 1e-3
+
+
+@dataclass
+class PrivacyConfig:
+    """Sample-level differential privacy at every site (DP-SGD through Opacus).
+
+    ``epsilon``/``delta`` are the target for the *whole federation* at each site; the
+    noise multiplier is calibrated so a site taking part in every round ends within it.
+    ``delta`` None means ``1 / (10 · N)`` for a site with N training examples. A site's
+    own ceiling (node config ``privacy-epsilon-max``) always wins over this target.
+    ``ledger_dir`` (simulation only) is where the virtual sites keep their ledgers; a
+    real site names its ledger file with the node config key ``ledger-path``.
+    """
+
+    enabled: bool = False
+    epsilon: float = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    clipping: str = "hooks"
+    noise_multiplier: float | None = None
+    ledger_dir: str | None = None
 
 
 @dataclass
@@ -158,6 +186,7 @@ class FedPeftConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     experiment_name: str = "default"
     output_dir: str | None = None
@@ -230,7 +259,7 @@ def from_yaml(text: str) -> FedPeftConfig:
 def _problems(config: FedPeftConfig) -> list[str]:
     from fedpeft.data import DATASETS
     from fedpeft.model import MODEL_LOADERS
-    from fedpeft.server.strategies import STRATEGIES
+    from fedpeft.server.strategies import SERVER_OPTIMIZERS, STRATEGIES
 
     m, d, t, f = config.model, config.data, config.train, config.federation
     checks: list[tuple[bool, str]] = [
@@ -264,6 +293,23 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (config.strategy.name in STRATEGIES,
          f"strategy.name={config.strategy.name!r}: allowed {sorted(STRATEGIES)}"),
         (config.strategy.server_lr > 0, f"strategy.server_lr={config.strategy.server_lr}: must be > 0"),
+        (config.strategy.server_optimizer in SERVER_OPTIMIZERS,
+         f"strategy.server_optimizer={config.strategy.server_optimizer!r}: allowed "
+         f"{sorted(SERVER_OPTIMIZERS)}"),
+        (not (config.strategy.name == "fedsvd" and config.strategy.server_optimizer == "adam"),
+         "strategy=fedsvd with strategy.server_optimizer=adam: the SVD re-factorisation changes "
+         "B's basis every round, so Adam's moments would not match; use server_optimizer=average"),
+        (config.privacy.epsilon > 0, f"privacy.epsilon={config.privacy.epsilon}: must be > 0"),
+        (config.privacy.delta is None or 0 < config.privacy.delta < 1,
+         f"privacy.delta={config.privacy.delta}: must be in (0, 1), or null for 1/(10·N)"),
+        (config.privacy.max_grad_norm > 0,
+         f"privacy.max_grad_norm={config.privacy.max_grad_norm}: must be > 0"),
+        (config.privacy.accountant in ACCOUNTANTS,
+         f"privacy.accountant={config.privacy.accountant!r}: allowed {list(ACCOUNTANTS)}"),
+        (config.privacy.clipping in CLIPPING_MODES,
+         f"privacy.clipping={config.privacy.clipping!r}: allowed {list(CLIPPING_MODES)}"),
+        (config.privacy.noise_multiplier is None or config.privacy.noise_multiplier >= 0,
+         f"privacy.noise_multiplier={config.privacy.noise_multiplier}: must be >= 0 or null"),
         (config.secagg.clip_range > 0, f"secagg.clip_range={config.secagg.clip_range}: must be > 0"),
         (not config.secagg.enabled or config.federation.min_sites >= 2,
          "secagg.enabled=true needs federation.min_sites >= 2 (a sum of one site is that site)"),
