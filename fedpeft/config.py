@@ -269,8 +269,14 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (m.num_labels >= 2, f"model.num_labels={m.num_labels}: must be >= 2"),
         (m.max_length >= 8, f"model.max_length={m.max_length}: must be >= 8"),
         (config.lora.r >= 1, f"lora.r={config.lora.r}: must be >= 1"),
-        (0.0 <= config.lora.dropout < 1.0, f"lora.dropout={config.lora.dropout}: must be in [0, 1)"),
-        (bool(config.lora.target_modules), "lora.target_modules is empty: name the layers to adapt"),
+        (
+            0.0 <= config.lora.dropout < 1.0,
+            f"lora.dropout={config.lora.dropout}: must be in [0, 1)",
+        ),
+        (
+            bool(config.lora.target_modules),
+            "lora.target_modules is empty: name the layers to adapt",
+        ),
         (d.dataset in DATASETS, f"data.dataset={d.dataset!r}: allowed {sorted(DATASETS)}"),
         (d.dataset != "file" or bool(d.path), "data.dataset=file needs data.path=/a/file.csv"),
         (0.0 < d.test_fraction < 1.0, f"data.test_fraction={d.test_fraction}: must be in (0, 1)"),
@@ -282,37 +288,72 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (f.num_sites >= 1, f"federation.num_sites={f.num_sites}: must be >= 1"),
         (f.rounds >= 1, f"federation.rounds={f.rounds}: must be >= 1"),
         (0.0 < f.fraction <= 1.0, f"federation.fraction={f.fraction}: must be in (0, 1]"),
-        (0.0 <= f.fraction_evaluate <= 1.0,
-         f"federation.fraction_evaluate={f.fraction_evaluate}: must be in [0, 1]"),
-        (1 <= f.min_sites <= f.num_sites,
-         f"federation.min_sites={f.min_sites}: must be in [1, federation.num_sites={f.num_sites}]"),
-        (f.partition in PARTITIONS, f"federation.partition={f.partition!r}: allowed {list(PARTITIONS)}"),
+        (
+            0.0 <= f.fraction_evaluate <= 1.0,
+            f"federation.fraction_evaluate={f.fraction_evaluate}: must be in [0, 1]",
+        ),
+        (
+            1 <= f.min_sites <= f.num_sites,
+            f"federation.min_sites={f.min_sites}: must be in "
+            f"[1, federation.num_sites={f.num_sites}]",
+        ),
+        (
+            f.partition in PARTITIONS,
+            f"federation.partition={f.partition!r}: allowed {list(PARTITIONS)}",
+        ),
         (f.alpha > 0, f"federation.alpha={f.alpha}: must be > 0"),
-        (f.partition != "column" or bool(f.partition_column),
-         "federation.partition=column needs federation.partition_column=NAME"),
-        (config.strategy.name in STRATEGIES,
-         f"strategy.name={config.strategy.name!r}: allowed {sorted(STRATEGIES)}"),
-        (config.strategy.server_lr > 0, f"strategy.server_lr={config.strategy.server_lr}: must be > 0"),
-        (config.strategy.server_optimizer in SERVER_OPTIMIZERS,
-         f"strategy.server_optimizer={config.strategy.server_optimizer!r}: allowed "
-         f"{sorted(SERVER_OPTIMIZERS)}"),
-        (not (config.strategy.name == "fedsvd" and config.strategy.server_optimizer == "adam"),
-         "strategy=fedsvd with strategy.server_optimizer=adam: the SVD re-factorisation changes "
-         "B's basis every round, so Adam's moments would not match; use server_optimizer=average"),
+        (
+            f.partition != "column" or bool(f.partition_column),
+            "federation.partition=column needs federation.partition_column=NAME",
+        ),
+        (
+            config.strategy.name in STRATEGIES,
+            f"strategy.name={config.strategy.name!r}: allowed {sorted(STRATEGIES)}",
+        ),
+        (
+            config.strategy.server_lr > 0,
+            f"strategy.server_lr={config.strategy.server_lr}: must be > 0",
+        ),
+        (
+            config.strategy.server_optimizer in SERVER_OPTIMIZERS,
+            f"strategy.server_optimizer={config.strategy.server_optimizer!r}: allowed "
+            f"{sorted(SERVER_OPTIMIZERS)}",
+        ),
+        (
+            not (config.strategy.name == "fedsvd" and config.strategy.server_optimizer == "adam"),
+            "strategy=fedsvd with strategy.server_optimizer=adam: the SVD re-factorisation changes "
+            "B's basis every round, so Adam's moments would not match; "
+            "use server_optimizer=average",
+        ),
         (config.privacy.epsilon > 0, f"privacy.epsilon={config.privacy.epsilon}: must be > 0"),
-        (config.privacy.delta is None or 0 < config.privacy.delta < 1,
-         f"privacy.delta={config.privacy.delta}: must be in (0, 1), or null for 1/(10·N)"),
-        (config.privacy.max_grad_norm > 0,
-         f"privacy.max_grad_norm={config.privacy.max_grad_norm}: must be > 0"),
-        (config.privacy.accountant in ACCOUNTANTS,
-         f"privacy.accountant={config.privacy.accountant!r}: allowed {list(ACCOUNTANTS)}"),
-        (config.privacy.clipping in CLIPPING_MODES,
-         f"privacy.clipping={config.privacy.clipping!r}: allowed {list(CLIPPING_MODES)}"),
-        (config.privacy.noise_multiplier is None or config.privacy.noise_multiplier >= 0,
-         f"privacy.noise_multiplier={config.privacy.noise_multiplier}: must be >= 0 or null"),
-        (config.secagg.clip_range > 0, f"secagg.clip_range={config.secagg.clip_range}: must be > 0"),
-        (not config.secagg.enabled or config.federation.min_sites >= 2,
-         "secagg.enabled=true needs federation.min_sites >= 2 (a sum of one site is that site)"),
+        (
+            config.privacy.delta is None or 0 < config.privacy.delta < 1,
+            f"privacy.delta={config.privacy.delta}: must be in (0, 1), or null for 1/(10·N)",
+        ),
+        (
+            config.privacy.max_grad_norm > 0,
+            f"privacy.max_grad_norm={config.privacy.max_grad_norm}: must be > 0",
+        ),
+        (
+            config.privacy.accountant in ACCOUNTANTS,
+            f"privacy.accountant={config.privacy.accountant!r}: allowed {list(ACCOUNTANTS)}",
+        ),
+        (
+            config.privacy.clipping in CLIPPING_MODES,
+            f"privacy.clipping={config.privacy.clipping!r}: allowed {list(CLIPPING_MODES)}",
+        ),
+        (
+            config.privacy.noise_multiplier is None or config.privacy.noise_multiplier >= 0,
+            f"privacy.noise_multiplier={config.privacy.noise_multiplier}: must be >= 0 or null",
+        ),
+        (
+            config.secagg.clip_range > 0,
+            f"secagg.clip_range={config.secagg.clip_range}: must be > 0",
+        ),
+        (
+            not config.secagg.enabled or config.federation.min_sites >= 2,
+            "secagg.enabled=true needs federation.min_sites >= 2 (a sum of one site is that site)",
+        ),
     ]
     return [message for ok, message in checks if not ok]
 
@@ -341,7 +382,9 @@ def from_run_config(run_config: Mapping[str, Any]) -> FedPeftConfig:
 
     raw = run_config.get(RUN_OVERRIDES, "")
     if not isinstance(raw, str):
-        raise ConfigError(f"run config {RUN_OVERRIDES!r} must be a string, got {type(raw).__name__}")
+        raise ConfigError(
+            f"run config {RUN_OVERRIDES!r} must be a string, got {type(raw).__name__}"
+        )
     return _compose_cached(tuple(shlex.split(raw)))
 
 

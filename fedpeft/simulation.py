@@ -9,7 +9,7 @@ Flower's Ray backend plays the sites. Ray is kept on the loopback interface.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,21 @@ def backend_config(config: FedPeftConfig) -> dict[str, Any]:
     }
 
 
-def simulate(config: FedPeftConfig, *, run_dir: str | Path | None = None,
-             progress: Progress | None = None) -> SimulationResult:
+def simulation_config(config: FedPeftConfig, run_dir: Path) -> FedPeftConfig:
+    """``config`` with what only a simulation decides: ledgers and threads per site."""
+    train, privacy = config.train, config.privacy
+    if train.num_threads == 0 and config.federation.client_cpus > 0:
+        # Several sites share the cores: give each its own share of threads, not all of them.
+        train = replace(train, num_threads=max(1, int(config.federation.client_cpus)))
+    if privacy.enabled and not privacy.ledger_dir:
+        # The virtual sites' ledgers live with the run (a real site names its own file).
+        privacy = replace(privacy, ledger_dir=str((run_dir / "ledgers").resolve()))
+    return replace(config, train=train, privacy=privacy)
+
+
+def simulate(
+    config: FedPeftConfig, *, run_dir: str | Path | None = None, progress: Progress | None = None
+) -> SimulationResult:
     """Run ``config`` as a local federation of ``federation.num_sites`` virtual sites."""
     from flwr.simulation import run_simulation
 
@@ -59,9 +72,7 @@ def simulate(config: FedPeftConfig, *, run_dir: str | Path | None = None,
     from fedpeft.server.rundir import RunDir
 
     out = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    if config.train.num_threads == 0 and config.federation.client_cpus > 0:
-        # Several sites share the cores: give each its own share of threads, not all of them.
-        config.train.num_threads = max(1, int(config.federation.client_cpus))
+    config = simulation_config(config, out)
     run_simulation(
         server_app=make_server_app(config, run_dir=out, progress=progress),
         client_app=make_client_app(config),

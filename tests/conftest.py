@@ -36,7 +36,9 @@ def write_causal_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(n):
             words = rng.choices(POSITIVE + NEGATIVE, k=3)
-            handle.write(json.dumps({"prompt": "say " + " ".join(words), "response": words[0]}) + "\n")
+            handle.write(
+                json.dumps({"prompt": "say " + " ".join(words), "response": words[0]}) + "\n"
+            )
     return path
 
 

@@ -35,16 +35,27 @@ class InProcessGrid(Grid):
         ``tamper(node_id, reply)`` may return a modified reply, or None to drop it.
     """
 
-    def __init__(self, client_app: ClientApp, node_configs: dict[int, dict[str, Any]],
-                 run_config: dict[str, Any] | None = None, tamper: Tamper | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: dict[int, dict[str, Any]],
+        run_config: dict[str, Any] | None = None,
+        tamper: Tamper | None = None,
+        run_id: int = 1,
+    ) -> None:
         self.client_app = client_app
         # What Flower's own in-memory grid sets before a ServerApp creates messages.
-        TaskIdentity.run_id = 1
+        TaskIdentity.run_id = run_id
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = SUPERLINK_NODE_ID
         self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config=dict(cfg), state=RecordDict(),
-                          run_config=dict(run_config or {}))
+            node: Context(
+                run_id=run_id,
+                node_id=node,
+                node_config=dict(cfg),
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
             for node, cfg in node_configs.items()
         }
         self.tamper = tamper
@@ -59,10 +70,21 @@ class InProcessGrid(Grid):
     def run(self) -> Any:  # pragma: no cover - not used in-process
         raise NotImplementedError("InProcessGrid has no Run")
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content=content,
+            dst_node_id=dst_node_id,
+            message_type=message_type,
+            group_id=group_id,
+            ttl=ttl,
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -89,6 +111,7 @@ class InProcessGrid(Grid):
                 replies.append(reply)
         return replies
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))

@@ -17,11 +17,13 @@ from fedpeft.model import _byte_tokenizer
 
 def _table(n: int = 400, seed: int = 0) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
-    return datasets.Dataset.from_dict({
-        "text": [f"t{i}" for i in range(n)],
-        "label": rng.integers(0, 2, n).tolist(),
-        "domain": [f"d{i % 4}" for i in range(n)],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "text": [f"t{i}" for i in range(n)],
+            "label": rng.integers(0, 2, n).tolist(),
+            "domain": [f"d{i % 4}" for i in range(n)],
+        }
+    )
 
 
 def _partitions(table: datasets.Dataset, **fed: object) -> list[datasets.Dataset]:
@@ -39,13 +41,15 @@ def test_iid_partitions_are_disjoint_cover_and_balanced() -> None:
 
 def test_dirichlet_small_alpha_skews_labels_more_than_large() -> None:
     def skew(alpha: float) -> float:
-        parts = _partitions(_table(2000), num_sites=5, partition="dirichlet", alpha=alpha,
-                            min_partition_size=5)
+        parts = _partitions(
+            _table(2000), num_sites=5, partition="dirichlet", alpha=alpha, min_partition_size=5
+        )
         return float(np.mean([abs(np.mean(p["label"]) - 0.5) for p in parts]))
 
     assert skew(0.2) > skew(100.0) + 0.1
-    parts = _partitions(_table(2000), num_sites=5, partition="dirichlet", alpha=0.3,
-                        min_partition_size=5)
+    parts = _partitions(
+        _table(2000), num_sites=5, partition="dirichlet", alpha=0.3, min_partition_size=5
+    )
     assert sum(len(p) for p in parts) == 2000
 
 
@@ -73,7 +77,9 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_missing_column_lists_what_is_there(tmp_path: Path) -> None:
     path = tmp_path / "x.csv"
     path.write_text("sentence,label\nhi,1\n")
-    with pytest.raises(ConfigError, match=r"lacks column\(s\) \['text'\].*sentence.*data.text_column"):
+    with pytest.raises(
+        ConfigError, match=r"lacks column\(s\) \['text'\].*sentence.*data.text_column"
+    ):
         load_file(path, DataConfig(), "classification")
 
 
@@ -116,7 +122,9 @@ def test_causal_lm_labels_cover_only_the_response() -> None:
     ids, mask, labels = tokens[0]
     scored = labels[labels != IGNORE_INDEX].tolist()
     # the response bytes and EOS, nothing of the prompt
-    assert scored == tokenizer("hi", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert scored == tokenizer("hi", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     batch = collate([tokens[0], tokens[1]], pad_id=int(tokenizer.pad_token_id))
     assert batch[0].shape == batch[2].shape
     short = int(tokens[1][0].shape[0])
@@ -126,8 +134,9 @@ def test_causal_lm_labels_cover_only_the_response() -> None:
 def test_classification_tokens_truncate_to_max_length() -> None:
     tokenizer = _byte_tokenizer()
     table = datasets.Dataset.from_dict({"text": ["a" * 100], "label": [1]})
-    ids, _, label = tokenize(table, tokenizer, config=DataConfig(), task="classification",
-                             max_length=16)[0]
+    ids, _, label = tokenize(
+        table, tokenizer, config=DataConfig(), task="classification", max_length=16
+    )[0]
     assert ids.shape[0] == 16 and int(label) == 1
 
 

@@ -21,8 +21,13 @@ from tests.conftest import tiny_config, write_classification_csv
 from tests.inprocess import InProcessGrid, Tamper
 
 
-def _grid(config: FedPeftConfig, tmp_path: Path, *, tamper: Tamper | None = None,
-          bad_node: int | None = None) -> InProcessGrid:
+def _grid(
+    config: FedPeftConfig,
+    tmp_path: Path,
+    *,
+    tamper: Tamper | None = None,
+    bad_node: int | None = None,
+) -> InProcessGrid:
     """Three sites, each with its own CSV file (a real site's node config)."""
     configs: dict[int, dict[str, Any]] = {}
     for node in (11, 22, 33):
@@ -62,7 +67,7 @@ def test_global_update_is_the_weighted_mean_of_deltas(cls_csv: Path, tmp_path: P
         if K.LAYOUT in reply.content.config_records:
             deltas.append(reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy())
             weights.append(int(reply.content.metric_records[K.METRICS][K.MET_NUM_EXAMPLES]))
-    expected = start + sum(w * d for w, d in zip(weights, deltas)) / sum(weights)  # type: ignore[operator]
+    expected = start + sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)
     np.testing.assert_allclose(federation.global_flat, expected, rtol=1e-5, atol=1e-7)
     assert len(set(weights)) >= 1 and all(w > 0 for w in weights)
 
@@ -124,8 +129,13 @@ def test_too_few_usable_updates_leave_the_adapter_unchanged(cls_csv: Path, tmp_p
 
 
 def test_fraction_samples_the_right_number_of_sites(cls_csv: Path, tmp_path: Path) -> None:
-    config = tiny_config("classification", cls_csv, "federation.fraction=0.5",
-                         "federation.min_sites=1", "federation.rounds=3")
+    config = tiny_config(
+        "classification",
+        cls_csv,
+        "federation.fraction=0.5",
+        "federation.min_sites=1",
+        "federation.rounds=3",
+    )
     run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
     assert [r["sites_sampled"] for r in _rows(tmp_path / "run")] == [2, 2, 2]
 
@@ -138,4 +148,6 @@ def test_checkpoint_holds_the_global_adapter(cls_csv: Path, tmp_path: Path) -> N
     assert checkpoint is not None and checkpoint.round == 2
     np.testing.assert_array_equal(checkpoint.global_flat, federation.global_flat)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "round-0001", "round-0002"]
+        "round-0001",
+        "round-0002",
+    ]

@@ -12,7 +12,6 @@ from peft import PeftModel
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
 from fedpeft.model import (
     MODEL_LOADERS,
-    adapter_parameters,
     build_model,
     get_flat,
     save_adapter,
@@ -21,10 +20,14 @@ from fedpeft.model import (
 )
 
 TINY = {
-    "classification": (ModelConfig(loader="tiny-bert", task="classification", max_length=32),
-                       LoraSettings(r=4, target_modules=["query", "value"])),
-    "causal_lm": (ModelConfig(loader="tiny-llama", task="causal_lm", max_length=32),
-                  LoraSettings(r=4, target_modules=["q_proj", "v_proj"])),
+    "classification": (
+        ModelConfig(loader="tiny-bert", task="classification", max_length=32),
+        LoraSettings(r=4, target_modules=["query", "value"]),
+    ),
+    "causal_lm": (
+        ModelConfig(loader="tiny-llama", task="causal_lm", max_length=32),
+        LoraSettings(r=4, target_modules=["q_proj", "v_proj"]),
+    ),
 }
 
 
@@ -42,8 +45,10 @@ def test_layout_is_exactly_the_trainable_adapter(task: str) -> None:
 
 def test_same_seed_same_initial_adapter() -> None:
     model_config, lora = TINY["classification"]
-    a = get_flat(build_model(model_config, lora, seed=3).peft_model,
-                 build_model(model_config, lora, seed=3).layout)
+    a = get_flat(
+        build_model(model_config, lora, seed=3).peft_model,
+        build_model(model_config, lora, seed=3).layout,
+    )
     b_loaded = build_model(model_config, lora, seed=3)
     assert np.array_equal(a, get_flat(b_loaded.peft_model, b_loaded.layout))
 
@@ -86,11 +91,15 @@ def test_peft_export_round_trip_gives_same_logits(task: str, tmp_path: Path) -> 
 
 def test_unknown_local_model_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        build_model(ModelConfig(loader="local", path=str(tmp_path / "missing")), LoraSettings(), seed=0)
+        build_model(
+            ModelConfig(loader="local", path=str(tmp_path / "missing")), LoraSettings(), seed=0
+        )
     with pytest.raises(ConfigError, match="no config.json"):
         build_model(ModelConfig(loader="local", path=str(tmp_path)), LoraSettings(), seed=0)
 
 
 def test_target_modules_that_do_not_exist() -> None:
     with pytest.raises(ConfigError, match="lora.target_modules"):
-        build_model(ModelConfig(loader="tiny-bert"), LoraSettings(target_modules=["q_proj"]), seed=0)
+        build_model(
+            ModelConfig(loader="tiny-bert"), LoraSettings(target_modules=["q_proj"]), seed=0
+        )

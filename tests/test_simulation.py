@@ -49,6 +49,7 @@ def test_three_sites_two_rounds(task: str, cls_csv: Path, lm_jsonl: Path, tmp_pa
     set_flat(loaded.peft_model, loaded.layout, checkpoint)
     for name in loaded.layout.names:
         torch.testing.assert_close(params[name], dict(loaded.peft_model.named_parameters())[name])
-    initial = get_flat(build_model(config.model, config.lora, seed=config.seed).peft_model,
-                       loaded.layout)
+    initial = get_flat(
+        build_model(config.model, config.lora, seed=config.seed).peft_model, loaded.layout
+    )
     assert not np.allclose(checkpoint, initial)  # the federation trained something

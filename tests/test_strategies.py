@@ -31,7 +31,9 @@ def _sites(rng: np.random.Generator, n: int = 4) -> list[np.ndarray]:
 
 
 def test_weighted_mean_by_hand() -> None:
-    got = weighted_mean([np.array([1.0, 0.0], np.float32), np.array([0.0, 4.0], np.float32)], [1, 3])
+    got = weighted_mean(
+        [np.array([1.0, 0.0], np.float32), np.array([0.0, 4.0], np.float32)], [1, 3]
+    )
     np.testing.assert_allclose(got, [0.25, 3.0])
     with pytest.raises(ValueError, match="one weight per vector"):
         weighted_mean([np.zeros(2, np.float32)], [1, 2])
@@ -62,8 +64,10 @@ def test_fedavg_has_the_cross_term_ffa_removes() -> None:
     start = np.zeros(LAYOUT.size, np.float32)
     sites = [split_flat(d, LAYOUT) for d in _sites(rng)]
     strategy = FedAvg(StrategyConfig(name="fedavg"), LAYOUT)
-    new = split_flat(strategy.apply(start, weighted_mean(
-        [_flat(s[A], s[B], s[HEAD]) for s in sites], [1] * 4)), LAYOUT)
+    new = split_flat(
+        strategy.apply(start, weighted_mean([_flat(s[A], s[B], s[HEAD]) for s in sites], [1] * 4)),
+        LAYOUT,
+    )
     mean_of_products = np.mean([s[B] @ s[A] for s in sites], axis=0)
     a_bar, b_bar = np.mean([s[A] for s in sites], 0), np.mean([s[B] for s in sites], 0)
     # mean(B_i A_i) − mean(B) mean(A) = mean((B_i − B̄)(A_i − Ā)): the bias, by hand
@@ -94,8 +98,9 @@ def test_fedsvd_round_equals_ffa_round_then_refactorisation() -> None:
 
 
 def test_server_adam_by_hand() -> None:
-    config = StrategyConfig(server_lr=0.1, server_optimizer="adam", adam_beta1=0.9,
-                            adam_beta2=0.99, adam_tau=1e-3)
+    config = StrategyConfig(
+        server_lr=0.1, server_optimizer="adam", adam_beta1=0.9, adam_beta2=0.99, adam_tau=1e-3
+    )
     adam = ServerAdam(config)
     d1, d2 = np.array([1.0, -2.0], np.float32), np.array([0.5, 0.0], np.float32)
     m1, v1 = 0.1 * d1, 0.01 * d1**2

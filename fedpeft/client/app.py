@@ -15,11 +15,9 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
-
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -32,8 +30,11 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from numpy.typing import NDArray
 
 from fedpeft import constants as K
+from fedpeft.client import secure_aggregation as secure
+from fedpeft.client.privacy import site_privacy
 from fedpeft.client.site import Site, load_site
 from fedpeft.client.train import evaluate_local, train_local
 from fedpeft.config import FedPeftConfig, from_run_config
@@ -63,47 +64,91 @@ class LocalUpdate:
 
 
 def local_update(msg: Message, site: Site) -> LocalUpdate:
-    """Train on the site's data as the train instruction ``msg`` asks; return the delta."""
+    """Train on the site's data as the train instruction ``msg`` asks; return the delta.
+
+    With ``privacy.enabled`` the round is first charged to the site's privacy ledger —
+    refused (``BudgetExceededError``, nothing trained) when it would cross the site's
+    ceiling — and then trained with DP-SGD; the reply reports ε spent so far.
+    """
     instructions = msg.content.config_records[K.CONFIG]
     round_number = int(instructions[K.CFG_ROUND])  # type: ignore[arg-type]
     trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]  # type: ignore[union-attr]
+    global_flat = _global_flat(msg, site)
+    privacy = None
+    if site.config.privacy.enabled:
+        privacy = site_privacy(
+            site.config,
+            site.node_config,
+            site_name=site.name,
+            num_train=site.data.num_train,
+            run_id=str(msg.metadata.run_id),
+        )
+        privacy.charge(run_id=str(msg.metadata.run_id), round_number=round_number)
     result = train_local(
-        site.loaded, site.data.train, global_flat=_global_flat(msg, site),
-        trained_names=trained_names, config=site.config.train, device=site.device,
+        site.loaded,
+        site.data.train,
+        global_flat=global_flat,
+        trained_names=trained_names,
+        config=site.config.train,
+        device=site.device,
         seed=site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode()),
+        dp=privacy.dp if privacy is not None else None,
     )
     layout = site.loaded.layout.subset(lambda n: n in set(trained_names))
-    return LocalUpdate(delta=result.delta, layout=layout, metrics={
-        K.MET_NUM_EXAMPLES: result.num_examples, K.MET_TRAIN_LOSS: result.train_loss,
+    metrics: dict[str, int | float] = {
+        K.MET_NUM_EXAMPLES: result.num_examples,
+        K.MET_TRAIN_LOSS: result.train_loss,
         K.MET_SECONDS: result.seconds,
-    })
+    }
+    if privacy is not None:
+        metrics.update(privacy.metrics())
+    return LocalUpdate(delta=result.delta, layout=layout, metrics=metrics)
 
 
 def handle_train(msg: Message, site: Site) -> RecordDict:
     """Train locally and return the delta of the tensors the server asked for."""
     update = local_update(msg, site)
-    return RecordDict({
-        K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(update.delta)}),
-        K.LAYOUT: ConfigRecord({K.LAYOUT_NAMES: list(update.layout.names),
-                                K.LAYOUT_NUMELS: list(update.layout.numels)}),
-        K.METRICS: MetricRecord(dict(update.metrics)),
-    })
+    return RecordDict(
+        {
+            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(update.delta)}),
+            K.LAYOUT: ConfigRecord(
+                {
+                    K.LAYOUT_NAMES: list(update.layout.names),
+                    K.LAYOUT_NUMELS: list(update.layout.numels),
+                }
+            ),
+            K.METRICS: MetricRecord(dict(update.metrics)),
+        }
+    )
 
 
 def handle_evaluate(msg: Message, site: Site) -> RecordDict:
     """Evaluate the global adapter on the site's held-out split."""
     result = evaluate_local(
-        site.loaded, site.data.test, global_flat=_global_flat(msg, site),
-        batch_size=site.config.train.eval_batch_size, device=site.device,
+        site.loaded,
+        site.data.test,
+        global_flat=_global_flat(msg, site),
+        batch_size=site.config.train.eval_batch_size,
+        device=site.device,
     )
-    return RecordDict({K.METRICS: MetricRecord({
-        K.MET_NUM_EXAMPLES: result.num_examples, K.MET_EVAL_LOSS: result.loss,
-        K.MET_EVAL_ACCURACY: result.accuracy, K.MET_SECONDS: result.seconds,
-    })})
+    return RecordDict(
+        {
+            K.METRICS: MetricRecord(
+                {
+                    K.MET_NUM_EXAMPLES: result.num_examples,
+                    K.MET_EVAL_LOSS: result.loss,
+                    K.MET_EVAL_ACCURACY: result.accuracy,
+                    K.MET_SECONDS: result.seconds,
+                }
+            )
+        }
+    )
 
 
 def _answer(
-    msg: Message, context: Context, config: FedPeftConfig | None,
+    msg: Message,
+    context: Context,
+    config: FedPeftConfig | None,
     handler: Callable[[Message, Site], RecordDict],
 ) -> Message:
     try:
@@ -113,8 +158,9 @@ def _answer(
     except Exception as err:  # a site's failure is a recorded error, not a crashed federation
         logger.exception("site failed to handle %s", msg.metadata.message_type)
         return Message(
-            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                  reason=f"{type(err).__name__}: {err}"),
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"
+            ),
             reply_to=msg,
         )
 
@@ -130,6 +176,28 @@ def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return _answer(msg, context, config, handle_evaluate)
+
+    # Secure aggregation (SecAgg+): four exchanges per round, "train.<action>" messages.
+    @client_app.train(K.SECAGG_SETUP)
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        return secure.answer_stage(msg, context, secure.handle_setup)
+
+    @client_app.train(K.SECAGG_SHARE_KEYS)
+    def secagg_share_keys(msg: Message, context: Context) -> Message:
+        return secure.answer_stage(msg, context, secure.handle_share_keys)
+
+    @client_app.train(K.SECAGG_MASKED)
+    def secagg_masked(msg: Message, context: Context) -> Message:
+        return _answer(
+            msg,
+            context,
+            config,
+            lambda m, site: secure.handle_masked(m, context, train=lambda: local_update(m, site)),
+        )
+
+    @client_app.train(K.SECAGG_UNMASK)
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return secure.answer_stage(msg, context, secure.handle_unmask)
 
     return client_app
 

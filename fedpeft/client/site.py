@@ -35,6 +35,7 @@ class Site:
 
     name: str
     config: FedPeftConfig
+    node_config: dict[str, object]
     loaded: LoadedModel
     data: SiteData
     device: torch.device
@@ -55,14 +56,17 @@ def _shared_partitioner(config: FedPeftConfig) -> Partitioner:
     return _PARTITIONERS[key]
 
 
-def _raw_site_table(config: FedPeftConfig, node_config: Mapping[str, object]) -> tuple[str, datasets.Dataset]:
+def _raw_site_table(
+    config: FedPeftConfig, node_config: Mapping[str, object]
+) -> tuple[str, datasets.Dataset]:
     data_path = node_config.get(K.NODE_DATA_PATH)
     if data_path:
         return f"site {data_path}", load_file(str(data_path), config.data, config.model.task)
     if K.NODE_PARTITION_ID not in node_config:
         raise ConfigError(
             f"this node has neither '{K.NODE_DATA_PATH}' nor '{K.NODE_PARTITION_ID}' in its node "
-            f"config; start the SuperNode with --node-config \"{K.NODE_DATA_PATH}='/data/site.csv'\"."
+            "config; start the SuperNode with "
+            f"--node-config \"{K.NODE_DATA_PATH}='/data/site.csv'\"."
         )
     partition_id = int(str(node_config[K.NODE_PARTITION_ID]))
     partition = _shared_partitioner(config).load_partition(partition_id)
@@ -80,19 +84,40 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
     device = resolve_device(device_name)
     name, table = _raw_site_table(config, node_config)
     train_table, test_table = split_site(
-        table, test_fraction=config.data.test_fraction, max_test=config.data.max_eval_examples,
-        seed=config.seed, source=name,
+        table,
+        test_fraction=config.data.test_fraction,
+        max_test=config.data.max_eval_examples,
+        seed=config.seed,
+        source=name,
     )
     loaded = cached_model(config.model, config.lora, seed=config.seed, device=device)
     data = SiteData(
-        train=tokenize(train_table, loaded.tokenizer, config=config.data,
-                       task=config.model.task, max_length=config.model.max_length),
-        test=tokenize(test_table, loaded.tokenizer, config=config.data,
-                      task=config.model.task, max_length=config.model.max_length),
-        num_train=len(train_table), num_test=len(test_table),
+        train=tokenize(
+            train_table,
+            loaded.tokenizer,
+            config=config.data,
+            task=config.model.task,
+            max_length=config.model.max_length,
+        ),
+        test=tokenize(
+            test_table,
+            loaded.tokenizer,
+            config=config.data,
+            task=config.model.task,
+            max_length=config.model.max_length,
+        ),
+        num_train=len(train_table),
+        num_test=len(test_table),
     )
     if len(_SITES) >= 64:  # a simulation actor may serve many virtual sites; bound memory
         _SITES.pop(next(iter(_SITES)))
-    site = Site(name=name, config=config, loaded=loaded, data=data, device=device)
+    site = Site(
+        name=name,
+        config=config,
+        node_config=dict(node_config),
+        loaded=loaded,
+        data=data,
+        device=device,
+    )
     _SITES[key] = site
     return site

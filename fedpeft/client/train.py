@@ -55,33 +55,39 @@ def make_loader(
     """A data loader over a tokenised split with per-batch padding."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
         collate_fn=partial(collate, pad_id=pad_id),
     )
 
 
 def cycle(loader: DataLoader[Batch]) -> Iterator[Batch]:
-    """Batches from ``loader`` epoch after epoch, skipping empty (Poisson-sampled) ones."""
+    """Batches from a (non-private, shuffled) ``loader``, epoch after epoch."""
     while True:
-        for batch in loader:
-            if batch[0].shape[0] > 0:
-                yield batch
+        yield from loader
 
 
-def forward_losses(loaded: LoadedModel, model: torch.nn.Module, batch: Batch,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_losses(
+    loaded: LoadedModel, model: torch.nn.Module, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example losses ``(B,)`` and the logits for one batch."""
     ids, mask, labels = (t.to(device) for t in batch)
     logits = model(input_ids=ids, attention_mask=mask).logits
     return per_example_loss(logits, labels, task=loaded.task), logits
 
 
-def prepare_trainable(loaded: LoadedModel, trained_names: Sequence[str]) -> list[torch.nn.Parameter]:
+def prepare_trainable(
+    loaded: LoadedModel, trained_names: Sequence[str]
+) -> list[torch.nn.Parameter]:
     """Make exactly ``trained_names`` require gradients; return them in layout order."""
     wanted = set(trained_names)
     unknown = wanted - set(loaded.layout.names)
     if unknown:
-        raise ValueError(f"asked to train tensors that are not in the adapter: {sorted(unknown)[:3]}")
+        raise ValueError(
+            f"asked to train tensors that are not in the adapter: {sorted(unknown)[:3]}"
+        )
     params = []
     for name, param in loaded.peft_model.named_parameters():
         param.requires_grad_(name in wanted)
@@ -96,6 +102,15 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> tor
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+@dataclass(frozen=True)
+class DPSettings:
+    """DP-SGD for one round: noise multiplier σ, clip norm C and Opacus's clipping mode."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    clipping: str = "hooks"
+
+
 def train_local(
     loaded: LoadedModel,
     dataset: TokenizedDataset,
@@ -105,32 +120,69 @@ def train_local(
     config: TrainConfig,
     device: torch.device,
     seed: int,
+    dp: DPSettings | None = None,
 ) -> TrainResult:
-    """Train the named adapter tensors for ``config.local_steps`` steps (no DP)."""
+    """Train the named adapter tensors for ``config.local_steps`` steps.
+
+    With ``dp``, every step is a DP-SGD step through :func:`fedpeft.privacy.dp.make_private`:
+    Poisson-sampled batches (an empty one still takes a noise-only step, as the accountant
+    assumes), per-example clipping to ``dp.max_grad_norm`` and Gaussian noise.
+    """
     start = time.perf_counter()
     model = loaded.peft_model
     set_flat(model, loaded.layout, global_flat)
     trained_layout = loaded.layout.subset(lambda n: n in set(trained_names))
     before = get_flat(model, trained_layout)
     params = prepare_trainable(loaded, trained_names)
+    model.train()
     optimizer = make_optimizer(params, config)
     torch.manual_seed(seed)  # LoRA dropout
-    loader = make_loader(dataset, batch_size=config.batch_size,
-                         pad_id=int(loaded.tokenizer.pad_token_id), shuffle=True, seed=seed)
-    model.train()
+    loader = make_loader(
+        dataset,
+        batch_size=config.batch_size,
+        pad_id=int(loaded.tokenizer.pad_token_id),
+        shuffle=dp is None,
+        seed=seed,
+    )
     losses: list[float] = []
-    batches = cycle(loader)
-    for _ in range(config.local_steps):
-        per_example, _ = forward_losses(loaded, model, next(batches), device)
-        loss = per_example.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    if dp is None:
+        batches = cycle(loader)
+        for _ in range(config.local_steps):
+            per_example, _ = forward_losses(loaded, model, next(batches), device)
+            loss = per_example.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    else:
+        from fedpeft.privacy.dp import make_private
+
+        with make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            grad_sample_mode=dp.clipping,  # type: ignore[arg-type]
+            max_steps=config.local_steps,
+        ) as session:
+            while session.steps < config.local_steps:
+                for batch in session.data_loader:
+                    if session.steps >= config.local_steps:
+                        break
+                    if batch[0].shape[0] == 0:
+                        session.backward(torch.empty(0, device=device))
+                    else:
+                        per_example, _ = forward_losses(loaded, session.module, batch, device)
+                        losses.append(float(session.backward(per_example)))
+                    session.optimizer.step()
+                    session.optimizer.zero_grad()
     delta = get_flat(model, trained_layout) - before
     return TrainResult(
-        delta=delta.astype(np.float32), num_examples=len(dataset),
-        train_loss=float(np.mean(losses)), steps=len(losses),
+        delta=delta.astype(np.float32),
+        num_examples=len(dataset),
+        train_loss=float(np.mean(losses)) if losses else math.nan,
+        steps=config.local_steps,
         seconds=time.perf_counter() - start,
     )
 
@@ -149,8 +201,13 @@ def evaluate_local(
     model = loaded.peft_model
     set_flat(model, loaded.layout, global_flat)
     model.eval()
-    loader = make_loader(dataset, batch_size=batch_size,
-                         pad_id=int(loaded.tokenizer.pad_token_id), shuffle=False, seed=0)
+    loader = make_loader(
+        dataset,
+        batch_size=batch_size,
+        pad_id=int(loaded.tokenizer.pad_token_id),
+        shuffle=False,
+        seed=0,
+    )
     loss_sum = correct = count = 0.0
     for ids, mask, labels in loader:
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
@@ -163,14 +220,21 @@ def evaluate_local(
             # token level: position t predicts token t+1; -100 marks prompt and padding
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             valid = shift_labels != -100
-            loss_sum += float(torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=-100, reduction="sum"))
+            loss_sum += float(
+                torch.nn.functional.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.shape[-1]),
+                    shift_labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
             correct += float(((shift_logits.argmax(-1) == shift_labels) & valid).sum())
             count += float(valid.sum())
     model.train()
     mean_loss = loss_sum / count if count else math.nan
     return EvalResult(
-        loss=mean_loss, accuracy=correct / count if count else math.nan,
-        num_examples=len(dataset), seconds=time.perf_counter() - start,
+        loss=mean_loss,
+        accuracy=correct / count if count else math.nan,
+        num_examples=len(dataset),
+        seconds=time.perf_counter() - start,
     )

@@ -57,11 +57,14 @@ class RoundRequest:
 
 def train_content(request: RoundRequest) -> RecordDict:
     """The train instruction: global adapter plus which tensors to train."""
-    return RecordDict({
-        K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(request.global_flat)}),
-        K.CONFIG: ConfigRecord({K.CFG_ROUND: request.round_number,
-                                K.CFG_TRAIN_NAMES: list(request.trained.names)}),
-    })
+    return RecordDict(
+        {
+            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(request.global_flat)}),
+            K.CONFIG: ConfigRecord(
+                {K.CFG_ROUND: request.round_number, K.CFG_TRAIN_NAMES: list(request.trained.names)}
+            ),
+        }
+    )
 
 
 def site_figures(reply: Message) -> dict[str, Any]:
@@ -85,18 +88,24 @@ class PlainAggregation(Aggregation):
 
     def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
         content = train_content(request)
-        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
-                    for n in request.nodes]
+        messages = [
+            Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+            for n in request.nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=request.timeout))
         accepted: list[TrainReply] = []
-        outcome = RoundOutcome(mean_delta=None, contributors=[],
-                               bytes_down=int(request.global_flat.nbytes) * len(request.nodes))
+        outcome = RoundOutcome(
+            mean_delta=None,
+            contributors=[],
+            bytes_down=int(request.global_flat.nbytes) * len(request.nodes),
+        )
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 outcome.failures[str(node)] = str(reply.error.reason)
-                logger.warning("round %d: site %d failed: %s", request.round_number, node,
-                               reply.error.reason)
+                logger.warning(
+                    "round %d: site %d failed: %s", request.round_number, node, reply.error.reason
+                )
                 continue
             try:
                 accepted.append(check_train_reply(reply, request.trained))
@@ -110,8 +119,11 @@ class PlainAggregation(Aggregation):
         outcome.bytes_up = sum(r.bytes_up for r in accepted)
         if accepted:
             weights = [r.num_examples for r in accepted]
-            outcome.train_loss = float(np.average([r.train_loss for r in accepted], weights=weights))
+            outcome.train_loss = float(
+                np.average([r.train_loss for r in accepted], weights=weights)
+            )
         if len(accepted) >= request.min_sites:
-            outcome.mean_delta = weighted_mean([r.delta for r in accepted],
-                                               [r.num_examples for r in accepted])
+            outcome.mean_delta = weighted_mean(
+                [r.delta for r in accepted], [r.num_examples for r in accepted]
+            )
         return outcome

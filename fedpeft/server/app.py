@@ -30,8 +30,10 @@ from fedpeft import constants as K
 from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
 from fedpeft.server.aggregation import Aggregation, PlainAggregation, RoundRequest
+from fedpeft.server.privacy_report import PrivacyReport
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import Checkpoint, RunDir
+from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.strategies import Strategy, make_strategy
 
 logger = logging.getLogger(__name__)
@@ -65,8 +67,9 @@ def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
         time.sleep(NODE_WAIT_POLL_S)
 
 
-def sample_nodes(rng: np.random.Generator, nodes: Sequence[int], *, fraction: float,
-                 minimum: int) -> list[int]:
+def sample_nodes(
+    rng: np.random.Generator, nodes: Sequence[int], *, fraction: float, minimum: int
+) -> list[int]:
     """``max(ceil(fraction · n), minimum)`` distinct nodes, capped at n."""
     count = min(len(nodes), max(math.ceil(fraction * len(nodes)), minimum))
     # Sample positions, not ids: node ids are 64-bit unsigned and must stay Python ints.
@@ -81,24 +84,33 @@ def _messages(nodes: Sequence[int], content: RecordDict, message_type: str) -> l
 class Federation:
     """State of one federation on the server and the steps of a round."""
 
-    def __init__(self, grid: Grid, config: FedPeftConfig, run_dir: RunDir, progress: Progress) -> None:
+    def __init__(
+        self, grid: Grid, config: FedPeftConfig, run_dir: RunDir, progress: Progress
+    ) -> None:
         self.grid = grid
         self.config = config
         self.run_dir = run_dir
         self.progress = progress
         # The server's copy of the model only lays out, initialises and saves the adapter.
         self.loaded: LoadedModel = build_model(
-            config.model, config.lora, seed=config.seed, device=torch.device("cpu"))
+            config.model, config.lora, seed=config.seed, device=torch.device("cpu")
+        )
         self.strategy: Strategy = make_strategy(config.strategy, self.loaded.layout)
         self.global_flat = get_flat(self.loaded.peft_model, self.loaded.layout)
         self.rng = np.random.default_rng(config.seed)
-        self.aggregation: Aggregation = PlainAggregation()
+        self.aggregation: Aggregation = (
+            SecureAggregation(config.secagg) if config.secagg.enabled else PlainAggregation()
+        )
+        self.privacy = PrivacyReport(config)
         self.next_round = 1
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, round_number: int) -> None:
-        state = {"strategy": self.strategy.state_dict(),
-                 "rng": self.rng.bit_generator.state}
+        state = {
+            "strategy": self.strategy.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "privacy": self.privacy.state_dict(),
+        }
         self.run_dir.save_checkpoint(Checkpoint(round_number, self.global_flat, state))
 
     def write_adapter(self) -> None:
@@ -110,9 +122,13 @@ class Federation:
     def train_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
         fed = self.config.federation
         request = RoundRequest(
-            round_number=round_number, nodes=nodes, global_flat=self.global_flat,
-            trained=self.strategy.trained_layout(), min_sites=fed.min_sites,
-            timeout=fed.round_timeout)
+            round_number=round_number,
+            nodes=nodes,
+            global_flat=self.global_flat,
+            trained=self.strategy.trained_layout(),
+            min_sites=fed.min_sites,
+            timeout=fed.round_timeout,
+        )
         outcome = self.aggregation.run_round(self.grid, request)
         updated = outcome.mean_delta is not None
         if outcome.mean_delta is not None:
@@ -120,31 +136,49 @@ class Federation:
         else:
             self.progress.message(
                 f"round {round_number}: {len(outcome.contributors)} usable update(s), "
-                f"federation.min_sites={fed.min_sites}; global adapter unchanged")
+                f"federation.min_sites={fed.min_sites}; global adapter unchanged"
+            )
         return {
-            "sites_sampled": len(nodes), "sites_replied": len(outcome.contributors),
-            "sites_failed": len(outcome.failures), "sites_dropped": len(outcome.dropped),
-            "failures": outcome.failures, "updated": updated, "train_loss": outcome.train_loss,
-            "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
+            "sites_sampled": len(nodes),
+            "sites_replied": len(outcome.contributors),
+            "sites_failed": len(outcome.failures),
+            "sites_dropped": len(outcome.dropped),
+            "failures": outcome.failures,
+            "updated": updated,
+            "train_loss": outcome.train_loss,
+            "bytes_down": outcome.bytes_down,
+            "bytes_up": outcome.bytes_up,
             "site_metrics": outcome.site_metrics,
+            "secagg": self.config.secagg.enabled,
         }
+
+    def available(self, nodes: list[int]) -> list[int]:
+        """Connected nodes minus those that refused a round for their privacy budget."""
+        return [n for n in nodes if str(n) not in self.privacy.exhausted]
 
     def evaluate_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
         fed = self.config.federation
         if fed.fraction_evaluate == 0:
             return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0, "eval_bytes_down": 0}
         chosen = sample_nodes(self.rng, nodes, fraction=fed.fraction_evaluate, minimum=1)
-        content = RecordDict({
-            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(self.global_flat)}),
-            K.CONFIG: ConfigRecord({K.CFG_ROUND: round_number}),
-        })
+        content = RecordDict(
+            {
+                K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(self.global_flat)}),
+                K.CONFIG: ConfigRecord({K.CFG_ROUND: round_number}),
+            }
+        )
         replies = self.grid.send_and_receive(
-            _messages(chosen, content, MessageType.EVALUATE), timeout=fed.round_timeout)
+            _messages(chosen, content, MessageType.EVALUATE), timeout=fed.round_timeout
+        )
         losses, accs, weights = [], [], []
         for reply in replies:
             if reply.has_error():
-                logger.warning("round %d: evaluation failed at site %d: %s", round_number,
-                               reply.metadata.src_node_id, reply.error.reason)
+                logger.warning(
+                    "round %d: evaluation failed at site %d: %s",
+                    round_number,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
             m = reply.content.metric_records.get(K.METRICS)
             if m is None or not isinstance(m.get(K.MET_NUM_EXAMPLES), int):
@@ -153,12 +187,18 @@ class Federation:
             accs.append(float(m[K.MET_EVAL_ACCURACY]))  # type: ignore[arg-type]
             weights.append(int(m[K.MET_NUM_EXAMPLES]))  # type: ignore[arg-type]
         if not weights:
-            return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0,
-                    "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen)}
+            return {
+                "eval_loss": None,
+                "eval_accuracy": None,
+                "eval_sites": 0,
+                "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen),
+            }
         loss = float(np.average(losses, weights=weights))
         row: dict[str, Any] = {
-            "eval_loss": loss, "eval_accuracy": float(np.average(accs, weights=weights)),
-            "eval_sites": len(weights), "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen),
+            "eval_loss": loss,
+            "eval_accuracy": float(np.average(accs, weights=weights)),
+            "eval_sites": len(weights),
+            "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen),
         }
         if self.config.model.task == "causal_lm":
             row["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
@@ -167,17 +207,35 @@ class Federation:
     def run(self) -> list[dict[str, Any]]:
         config, fed = self.config, self.config.federation
         self.run_dir.write_config(to_yaml(config))
-        self.progress.start(rounds=fed.rounds, sites=fed.num_sites,
-                            run_dir=str(self.run_dir.path), adapter_floats=self.loaded.layout.size)
+        self.progress.start(
+            rounds=fed.rounds,
+            sites=fed.num_sites,
+            run_dir=str(self.run_dir.path),
+            adapter_floats=self.loaded.layout.size,
+        )
         for round_number in range(self.next_round, fed.rounds + 1):
             start = time.perf_counter()
             nodes = wait_for_nodes(self.grid, minimum=fed.min_sites, timeout=fed.round_timeout)
-            sampled = sample_nodes(self.rng, nodes, fraction=fed.fraction, minimum=fed.min_sites)
+            usable = self.available(nodes)
+            if len(usable) < fed.min_sites:
+                self.progress.message(
+                    f"federation ended before round {round_number}: {len(usable)} site(s) left "
+                    f"with privacy budget, federation.min_sites={fed.min_sites} "
+                    f"({len(self.privacy.exhausted)} exhausted: "
+                    f"{', '.join(sorted(self.privacy.exhausted))})"
+                )
+                break
+            sampled = sample_nodes(self.rng, usable, fraction=fed.fraction, minimum=fed.min_sites)
             row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
             row.update(self.train_round(round_number, sampled))
-            row.update(self.evaluate_round(round_number, nodes))
+            row.update(self.evaluate_round(round_number, usable))
+            self.privacy.observe(round_number, row["site_metrics"], row["failures"])
+            epsilons = self.privacy.epsilons()
+            row["epsilon"] = epsilons
+            row["epsilon_max"] = max(epsilons.values()) if epsilons else None
             row["seconds"] = time.perf_counter() - start
             self.run_dir.append_metrics(row)
+            self.run_dir.write_json("privacy.json", self.privacy.as_json())
             self.write_adapter()
             self.checkpoint(round_number)
             self.next_round = round_number + 1
@@ -185,15 +243,20 @@ class Federation:
         return self.run_dir.read_metrics()
 
 
-def run_federation(grid: Grid, config: FedPeftConfig, *, run_dir: str | Path,
-                   progress: Progress | None = None) -> list[dict[str, Any]]:
+def run_federation(
+    grid: Grid, config: FedPeftConfig, *, run_dir: str | Path, progress: Progress | None = None
+) -> list[dict[str, Any]]:
     """Run every round of a federation and return the rows of ``metrics.jsonl``."""
     federation = Federation(grid, config, RunDir(run_dir), progress or Progress())
     return federation.run()
 
 
-def make_server_app(config: FedPeftConfig | None = None, *, run_dir: str | Path | None = None,
-                    progress: Progress | None = None) -> ServerApp:
+def make_server_app(
+    config: FedPeftConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> ServerApp:
     """A ServerApp; with ``config`` it skips reading the run config (simulation)."""
     server_app = ServerApp()
 

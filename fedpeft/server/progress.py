@@ -25,8 +25,12 @@ class Progress:
         self.stream = stream or sys.stderr
 
     def start(self, *, rounds: int, sites: int, run_dir: str, adapter_floats: int) -> None:
-        print(f"fedpeft: {rounds} round(s) over {sites} site(s); adapter {adapter_floats:,} floats; "
-              f"run directory {run_dir}", file=self.stream, flush=True)
+        print(
+            f"fedpeft: {rounds} round(s) over {sites} site(s); adapter {adapter_floats:,} floats; "
+            f"run directory {run_dir}",
+            file=self.stream,
+            flush=True,
+        )
 
     def round_done(self, row: dict[str, Any]) -> None:
         eps = row.get("epsilon_max")
@@ -37,7 +41,8 @@ class Progress:
             f"{_fmt(row['train_loss'])} | eval loss {_fmt(row['eval_loss'])} acc "
             f"{_fmt(row['eval_accuracy'])} | up {_fmt_bytes(row['bytes_up'])} down "
             f"{_fmt_bytes(row['bytes_down'])} | {row['seconds']:.1f} s{privacy}",
-            file=self.stream, flush=True,
+            file=self.stream,
+            flush=True,
         )
 
     def message(self, text: str) -> None:
@@ -46,7 +51,10 @@ class Progress:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of the rounds, for the end of a run."""
-    header = f"{'round':>5} {'sites':>7} {'train loss':>10} {'eval loss':>9} {'accuracy':>8} {'up':>9} {'down':>9} {'s':>6}"
+    header = (
+        f"{'round':>5} {'sites':>7} {'train loss':>10} {'eval loss':>9} {'accuracy':>8} "
+        f"{'up':>9} {'down':>9} {'s':>6}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

@@ -108,9 +108,10 @@ class ServerOptimizer(ABC):
         """The step to add to the trained tensors of the global adapter."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What a restarted server needs to continue (none for a stateless rule)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless default
         """Restore :meth:`state_dict`."""
 
 

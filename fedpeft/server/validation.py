@@ -34,7 +34,9 @@ class TrainReply:
     bytes_up: int
 
 
-def check_train_reply(msg: Message, expected: AdapterLayout, *, max_examples: int = 10**9) -> TrainReply:
+def check_train_reply(
+    msg: Message, expected: AdapterLayout, *, max_examples: int = 10**9
+) -> TrainReply:
     """Validate a training reply against the layout the server asked for.
 
     Raises
@@ -45,13 +47,18 @@ def check_train_reply(msg: Message, expected: AdapterLayout, *, max_examples: in
     """
     node = msg.metadata.src_node_id
     content = msg.content
-    for key, records in ((K.ARRAYS, content.array_records), (K.LAYOUT, content.config_records),
-                         (K.METRICS, content.metric_records)):
+    for key, records in (
+        (K.ARRAYS, content.array_records),
+        (K.LAYOUT, content.config_records),
+        (K.METRICS, content.metric_records),
+    ):
         if key not in records:
             raise ReplyRejected(f"node {node}: reply lacks the {key!r} record")
     arrays = content.array_records[K.ARRAYS]
     if list(arrays.keys()) != [K.ARRAY_FLAT]:
-        raise ReplyRejected(f"node {node}: expected one array {K.ARRAY_FLAT!r}, got {list(arrays.keys())}")
+        raise ReplyRejected(
+            f"node {node}: expected one array {K.ARRAY_FLAT!r}, got {list(arrays.keys())}"
+        )
     layout = content.config_records[K.LAYOUT]
     names = [str(n) for n in layout.get(K.LAYOUT_NAMES, [])]  # type: ignore[union-attr]
     numels = [int(n) for n in layout.get(K.LAYOUT_NUMELS, [])]  # type: ignore[union-attr]
@@ -69,13 +76,24 @@ def check_train_reply(msg: Message, expected: AdapterLayout, *, max_examples: in
         raise ReplyRejected(f"node {node}: dtype {array.dtype}, expected float32")
     delta = array.numpy()
     if delta.shape != (expected.size,):
-        raise ReplyRejected(f"node {node}: vector of shape {delta.shape}, expected ({expected.size},)")
+        raise ReplyRejected(
+            f"node {node}: vector of shape {delta.shape}, expected ({expected.size},)"
+        )
     if not np.isfinite(delta).all():
-        raise ReplyRejected(f"node {node}: update holds {int((~np.isfinite(delta)).sum())} non-finite values")
+        raise ReplyRejected(
+            f"node {node}: update holds {int((~np.isfinite(delta)).sum())} non-finite values"
+        )
     metrics = content.metric_records[K.METRICS]
     num_examples = metrics.get(K.MET_NUM_EXAMPLES, 0)
     if not isinstance(num_examples, int) or not 0 < num_examples <= max_examples:
-        raise ReplyRejected(f"node {node}: example count {num_examples!r} is not in [1, {max_examples}]")
+        raise ReplyRejected(
+            f"node {node}: example count {num_examples!r} is not in [1, {max_examples}]"
+        )
     loss = float(metrics.get(K.MET_TRAIN_LOSS, math.nan))  # type: ignore[arg-type]
-    return TrainReply(node_id=node, delta=delta.astype(np.float32, copy=False),
-                      num_examples=num_examples, train_loss=loss, bytes_up=int(delta.nbytes))
+    return TrainReply(
+        node_id=node,
+        delta=delta.astype(np.float32, copy=False),
+        num_examples=num_examples,
+        train_loss=loss,
+        bytes_up=int(delta.nbytes),
+    )

@@ -1,0 +1,185 @@
+"""A site's handlers for the four SecAgg+ exchanges of a secure round.
+
+This module owns the site's Flower side of secure aggregation: it reads the server's protocol
+message from each request, runs :class:`~fedpeft.privacy.secagg.SecAggClient` one stage
+further, and answers its reply. Between stages the client's state (private keys, Shamir
+shares) lives in ``context.state`` under :data:`fedpeft.constants.SECAGG_STATE`, on the site
+only: it is never put into a reply. The protocol is in :mod:`fedpeft.privacy.secagg`; the
+server's side in :mod:`fedpeft.server.secure_aggregation`; local training in
+:mod:`fedpeft.client.app`, which registers these handlers.
+
+In the masked stage the site trains only after checking that the request is the one its
+state expects (right round, right stage), then clips its delta to the server's clip range,
+quantises and masks it, and sends the uint32 vector plus its scalar figures (loss, seconds and
+whatever else the training reports, e.g. ε) but not its example count: under secure
+aggregation sites weigh equally and the server does not learn how much data a site holds.
+How many values were clipped is logged here and never sent.
+
+A request that breaks the protocol (wrong round, wrong stage, no round in progress, malformed
+fields) raises, and the handler wrappers turn every exception into an error reply the server
+records.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
+
+from fedpeft import constants as K
+from fedpeft.privacy.secagg import (
+    EncryptedShares,
+    MaskedVectorRequest,
+    PublicKeys,
+    SecAggClient,
+    SecAggProtocolError,
+    SetupRequest,
+    ShareKeysRequest,
+    Stage,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from fedpeft.privacy.secagg_wire import decode, encode
+
+if TYPE_CHECKING:  # fedpeft.client.app imports this module
+    from fedpeft.client.app import LocalUpdate
+
+__all__ = [
+    "answer_stage",
+    "handle_masked",
+    "handle_setup",
+    "handle_share_keys",
+    "handle_unmask",
+]
+
+logger = logging.getLogger(__name__)
+
+Request = TypeVar("Request", SetupRequest, ShareKeysRequest, MaskedVectorRequest, UnmaskRequest)
+Reply = TypeVar("Reply", PublicKeys, EncryptedShares, UnmaskShares)
+
+
+def _request(cls: type[Request], msg: Message) -> Request:
+    if K.SECAGG not in msg.content.config_records:
+        raise SecAggProtocolError(
+            f"the {msg.metadata.message_type} request lacks the {K.SECAGG!r} record"
+        )
+    return decode(cls, dict(msg.content.config_records[K.SECAGG]))
+
+
+def _load(context: Context) -> SecAggClient:
+    record = context.state.config_records.get(K.SECAGG_STATE)
+    if record is None or K.SECAGG_STATE_CLIENT not in record:
+        raise SecAggProtocolError(
+            f"node {context.node_id} has no secure aggregation round in progress; a round "
+            f"starts with a {K.SECAGG_SETUP} request"
+        )
+    return SecAggClient.from_state(bytes(record[K.SECAGG_STATE_CLIENT]))  # type: ignore[arg-type]
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    if client.stage is Stage.DONE:  # nothing left to keep: forget the round
+        if K.SECAGG_STATE in context.state:
+            del context.state[K.SECAGG_STATE]
+        return
+    context.state[K.SECAGG_STATE] = ConfigRecord({K.SECAGG_STATE_CLIENT: client.to_state()})
+
+
+def _reply(message: Reply) -> RecordDict:
+    return RecordDict({K.SECAGG: ConfigRecord(dict(encode(message).fields))})
+
+
+def handle_setup(msg: Message, context: Context) -> RecordDict:
+    """Stage setup: start a new round (replacing any unfinished one); answer public keys."""
+    request = _request(SetupRequest, msg)
+    client = SecAggClient(node_id=int(context.node_id))
+    reply = client.setup(request)
+    _save(context, client)
+    return _reply(reply)
+
+
+def handle_share_keys(msg: Message, context: Context) -> RecordDict:
+    """Stage share_keys: answer the encrypted shares of this site's secrets."""
+    client = _load(context)
+    reply = client.share_keys(_request(ShareKeysRequest, msg))
+    _save(context, client)
+    return _reply(reply)
+
+
+def handle_masked(
+    msg: Message, context: Context, *, train: Callable[[], LocalUpdate]
+) -> RecordDict:
+    """Stage masked: check the request, train (``train()``), answer the masked delta.
+
+    Parameters
+    ----------
+    msg : Message
+        The request: the plain train records (global adapter, train config) plus the shares
+        addressed to this site under :data:`fedpeft.constants.SECAGG`.
+    context : Context
+        The site's context; its state holds the round's :class:`SecAggClient`.
+    train : callable
+        Runs the local training of this request and returns its ``LocalUpdate``; called only
+        once the request is known to belong to the round in progress.
+    """
+    client = _load(context)
+    request = _request(MaskedVectorRequest, msg)
+    client.check_request(request)
+    update = train()
+    masked = client.collect_masked_vectors(request, update=update.delta)
+    _save(context, client)
+    if client.num_clipped:
+        logger.warning(
+            "node %d: %d of %d update values lay beyond the secure aggregation clip range and "
+            "were clipped (raise secagg.clip_range if this recurs)",
+            context.node_id,
+            client.num_clipped,
+            update.delta.size,
+        )
+    wire = encode(masked)
+    figures: dict[str, MetricRecordValues] = {
+        k: v for k, v in update.metrics.items() if k != K.MET_NUM_EXAMPLES
+    }
+    return RecordDict(
+        {
+            K.SECAGG: ConfigRecord(dict(wire.fields)),
+            K.SECAGG_ARRAYS: ArrayRecord({name: Array(v) for name, v in wire.arrays.items()}),
+            K.METRICS: MetricRecord(figures),
+        }
+    )
+
+
+def handle_unmask(msg: Message, context: Context) -> RecordDict:
+    """Stage unmask: answer the shares the server may have; the round ends at this site."""
+    client = _load(context)
+    reply = client.unmask(_request(UnmaskRequest, msg))
+    _save(context, client)
+    return _reply(reply)
+
+
+def answer_stage(
+    msg: Message, context: Context, handler: Callable[[Message, Context], RecordDict]
+) -> Message:
+    """Run a stage handler that needs no site resources; any exception → an error reply."""
+    try:
+        return Message(handler(msg, context), reply_to=msg)
+    except Exception as err:  # a site's failure is a recorded error, not a crashed federation
+        logger.exception("site failed to handle %s", msg.metadata.message_type)
+        return Message(
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"
+            ),
+            reply_to=msg,
+        )

@@ -1,0 +1,667 @@
+"""DP-SGD on a peft adapter's trainable tensors, through Opacus.
+
+This module owns one round of private training's *mechanics*: checking that a model can be
+trained with DP-SGD, attaching Opacus' per-sample-gradient hooks to it, wrapping the optimizer
+(per-sample clipping + Gaussian noise) and the data loader (Poisson sampling), the backward pass
+that is correct in every grad-sample mode, and removing every trace of Opacus afterwards so the
+same cached model can be wrapped again next round. It leaves to others: the loss
+(:mod:`fedpeft.losses`), the noise multiplier (:mod:`fedpeft.privacy.calibration`), the budget
+across rounds and runs (:mod:`fedpeft.privacy.ledger`; the ``PrivacyEngine`` accountant used
+here lives for one round only and is not consulted) and the training loop itself.
+
+Opacus' ``PrivacyEngine.make_private`` does the wrapping, with ``wrap_model=False``: hooks are
+attached to the caller's model in place, so ``session.module`` *is* the peft model
+(``get_peft_model_state_dict`` works on it directly). What is added here, and why:
+
+- validation that lists every problem at once, including the peft cases Opacus' own
+  ``ModuleValidator`` does not catch (trainable embeddings, LoRA on embeddings, DoRA), and
+  the optimizer-captured-stale-tensors ordering bug of opacus#820;
+- :meth:`DPSession.backward`, because in ``ghost`` mode a plain ``loss.backward()`` silently
+  skips clipping; a step without it raises instead of updating;
+- a noise-only step for an empty Poisson batch, which many models cannot run forward;
+- a cap on steps (the round's charge in the ledger) and a :meth:`DPSession.close` that also
+  clears what Opacus' own ``cleanup`` leaves behind (``summed_grad``, captured activations).
+
+Randomness: ``secure_mode`` needs ``torchcsprng``, which is unavailable, so noise and Poisson
+sampling come from torch's default (Mersenne-Twister-based) generators, as in Opacus' default
+mode; Opacus warns "Secure RNG turned off" once per process. The accounting is unaffected, but
+this is not a cryptographically secure source (see Opacus' ``_generate_noise``).
+
+Order of operations (opacus#820): put the base model on its final device and dtype, apply
+peft, *then* create the optimizer, *then* call :func:`make_private`. While a session is open,
+evaluate under ``torch.no_grad()`` (or after :meth:`DPSession.close`): a training-mode forward
+with gradients enabled and no backward leaves captured activations behind.
+
+Typing: Opacus ships no type information (no ``py.typed``); the project's mypy configuration
+(``ignore_missing_imports``) types its objects as ``Any``, so no per-import ignores are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, cast, get_args
+
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
+from opacus.optimizers import DPOptimizer
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.validators import ModuleValidator
+from opacus.validators.errors import IllegalModuleConfigurationError
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from fedpeft.losses import Reduction, batch_loss
+from fedpeft.privacy.errors import (
+    BudgetExceededError,
+    DPCompatibilityError,
+    PrivacyConfigError,
+    PrivacyError,
+)
+
+__all__ = [
+    "DPSession",
+    "GradSampleMode",
+    "find_dp_problems",
+    "make_private",
+    "poisson_sample_rate",
+]
+
+GradSampleMode = Literal["hooks", "ghost", "functorch"]
+_MODES: tuple[str, ...] = get_args(GradSampleMode)
+_REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+# Attributes Opacus puts on parameters and submodules; close() removes any that remain.
+_PARAM_ATTRS = (
+    "grad_sample",
+    "_forward_counter",
+    "_current_grad_sample",
+    "_norm_sample",
+    "summed_grad",
+)
+_MODULE_ATTRS = (
+    "activations",
+    "max_batch_len",
+    "ft_compute_sample_grad",
+    "autograd_grad_sample_hooks",
+)
+
+# Parameter-name fragments of peft layers Opacus cannot give correct per-sample gradients for.
+_DORA_MARK = "lora_magnitude_vector"
+_LORA_EMBEDDING_MARKS = ("lora_embedding_A", "lora_embedding_B")
+
+
+def poisson_sample_rate(data_loader: DataLoader[object]) -> float:
+    """The sampling rate Opacus' ``DPDataLoader`` derives from a plain loader.
+
+    ``DPDataLoader.from_data_loader`` includes each example in a batch with probability
+    ``1 / len(data_loader)``, so the expected batch size is about the loader's ``batch_size``.
+    Use this to calibrate noise and check the budget before calling :func:`make_private`.
+
+    Parameters
+    ----------
+    data_loader : torch.utils.data.DataLoader
+        The plain (non-DP) loader that will be passed to :func:`make_private`.
+
+    Returns
+    -------
+    float
+        q in (0, 1].
+
+    Raises
+    ------
+    DPCompatibilityError
+        If the loader has no length or no batches.
+    """
+    try:
+        batches = len(data_loader)
+    except TypeError as exc:
+        raise DPCompatibilityError(
+            "data_loader has no length (an IterableDataset?); Poisson sampling needs a "
+            "map-style dataset."
+        ) from exc
+    if batches < 1:
+        raise DPCompatibilityError("data_loader yields no batches: the dataset is empty.")
+    return 1.0 / batches
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strip_opacus(module: nn.Module) -> None:
+    """Remove every Opacus hook and attribute from ``module`` and its parameters.
+
+    Complements Opacus' ``cleanup()``, which leaves ``summed_grad`` (set by the optimizer) and
+    the activations a forward pass without backward captured; also used when ``make_private``
+    fails halfway, when no session exists to close.
+    """
+    handles = module.__dict__.get("autograd_grad_sample_hooks", [])
+    for handle in handles:
+        handle.remove()
+    for p in module.parameters():
+        for attr in _PARAM_ATTRS:
+            if hasattr(p, attr):
+                delattr(p, attr)
+    for sub in module.modules():
+        for attr in _MODULE_ATTRS:
+            if attr in sub.__dict__:
+                delattr(sub, attr)
+
+
+def _check_settings(
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+    loss_reduction: str,
+    max_steps: int | None,
+) -> None:
+    problems = []
+    if not (
+        _is_number(noise_multiplier) and math.isfinite(noise_multiplier) and noise_multiplier >= 0
+    ):
+        problems.append(
+            f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0 "
+            "(0 means no privacy; get one from calibrate_noise_multiplier)"
+        )
+    if not (
+        isinstance(max_grad_norm, (int, float))
+        and math.isfinite(max_grad_norm)
+        and max_grad_norm > 0
+    ):
+        problems.append(f"max_grad_norm={max_grad_norm!r} must be a finite number > 0")
+    if grad_sample_mode not in _MODES:
+        problems.append(f"grad_sample_mode={grad_sample_mode!r} must be one of {_MODES}")
+    if loss_reduction not in _REDUCTIONS:
+        problems.append(f"loss_reduction={loss_reduction!r} must be one of {_REDUCTIONS}")
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0
+    ):
+        problems.append(f"max_steps={max_steps!r} must be None or an integer >= 0")
+    if problems:
+        raise PrivacyConfigError("invalid DP-SGD settings: " + "; ".join(problems) + ".")
+
+
+def find_dp_problems(
+    module: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    data_loader: DataLoader[object] | None = None,
+) -> list[str]:
+    """Every reason ``module`` (with ``optimizer`` and ``data_loader``) cannot be made private.
+
+    Runs Opacus' ``ModuleValidator`` and per-sample-gradient validation, and adds the peft
+    and ordering checks they lack. :func:`make_private` raises
+    :class:`~fedpeft.privacy.errors.DPCompatibilityError` listing these.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The peft model to train.
+    optimizer : torch.optim.Optimizer, optional
+        Its optimizer; checked to hold exactly the module's trainable parameters.
+    data_loader : torch.utils.data.DataLoader, optional
+        The plain data loader; checked to be map-style, batched and non-empty.
+
+    Returns
+    -------
+    list of str
+        Human-readable problems, each with a fix; empty if none.
+    """
+    problems: list[str] = []
+    named = list(module.named_parameters())
+    trainable = [(name, p) for name, p in named if p.requires_grad]
+
+    if isinstance(module, AbstractGradSampleModule) or hasattr(
+        module, "autograd_grad_sample_hooks"
+    ):
+        problems.append(
+            "module already carries Opacus hooks from an earlier make_private; call "
+            "DPSession.close() on that session first (or pass the unwrapped peft model)"
+        )
+    elif any(hasattr(p, attr) for _, p in named for attr in _PARAM_ATTRS):
+        problems.append(
+            "module's parameters carry Opacus attributes (grad_sample, ...) from an earlier "
+            "session; call DPSession.close() on that session first"
+        )
+
+    if not module.training:
+        problems.append("module is in eval mode; call module.train() before make_private")
+    else:
+        stale = sorted(
+            name
+            for name, sub in module.named_modules()
+            if not sub.training and any(p.requires_grad for p in sub.parameters(recurse=False))
+        )
+        if stale:
+            problems.append(
+                f"submodules with trainable parameters are in eval mode ({', '.join(stale)}); "
+                "Opacus records nothing for them. Call module.train()"
+            )
+    for error in ModuleValidator.validate(module, strict=False):
+        if isinstance(error, IllegalModuleConfigurationError) and "training mode" in str(error):
+            continue  # reported above, with the fix
+        problems.append(f"Opacus ModuleValidator: {error}")
+    for error in GradSampleHooks.validate(module, strict=False):
+        problems.append(f"Opacus: {error}")
+
+    if not trainable:
+        problems.append(
+            "module has no trainable parameters; apply a LoRA adapter with peft's "
+            "get_peft_model (which freezes the base model) before make_private"
+        )
+    dora = [name for name, _ in trainable if _DORA_MARK in name]
+    if dora:
+        problems.append(
+            f"DoRA magnitude vectors are trainable ({', '.join(dora)}); Opacus cannot compute "
+            "their per-sample gradients. Set use_dora=False in the LoraConfig"
+        )
+    lora_embedding = [
+        name for name, _ in trainable if any(mark in name for mark in _LORA_EMBEDDING_MARKS)
+    ]
+    if lora_embedding:
+        problems.append(
+            f"LoRA is applied to embedding layers ({', '.join(lora_embedding)}); Opacus "
+            "does not support it. Remove embedding modules from target_modules"
+        )
+    embedding = sorted(
+        f"{mod_name}.{p_name}" if mod_name else p_name
+        for mod_name, sub in module.named_modules()
+        if isinstance(sub, nn.Embedding)
+        for p_name, p in sub.named_parameters(recurse=False)
+        if p.requires_grad
+    )
+    if embedding:
+        problems.append(
+            f"embedding weights are trainable ({', '.join(embedding)}); freeze them "
+            "(requires_grad_(False)) and keep them out of modules_to_save"
+        )
+    meta = [name for name, p in named if p.device.type == "meta"]
+    if meta:
+        problems.append(
+            f"parameters are on the meta device ({', '.join(meta[:5])}"
+            f"{', ...' if len(meta) > 5 else ''}); materialise the model on its final device "
+            "before creating the optimizer"
+        )
+
+    if optimizer is not None:
+        trainable_ids = {id(p) for _, p in trainable}
+        frozen_ids = {id(p) for _, p in named if not p.requires_grad}
+        opt_params = [p for group in optimizer.param_groups for p in group["params"]]
+        opt_ids = {id(p) for p in opt_params}
+        foreign = [p for p in opt_params if id(p) not in trainable_ids | frozen_ids]
+        frozen = [name for name, p in named if id(p) in opt_ids and not p.requires_grad]
+        missing = [name for name, p in trainable if id(p) not in opt_ids]
+        if foreign:
+            problems.append(
+                f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of "
+                "module, so it would update stale copies (opacus#820). Put the model on its "
+                "final device and dtype, apply peft, then create the optimizer from "
+                "[p for p in model.parameters() if p.requires_grad], then call make_private"
+            )
+        if frozen:
+            problems.append(
+                f"the optimizer holds frozen parameters ({', '.join(frozen[:5])}"
+                f"{', ...' if len(frozen) > 5 else ''}); build it from the trainable "
+                "parameters only"
+            )
+        if missing:
+            problems.append(
+                f"trainable parameters are missing from the optimizer ({', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}); they would get per-sample gradients "
+                "but never be updated. Build the optimizer from all trainable parameters"
+            )
+
+    if data_loader is not None:
+        if isinstance(data_loader, DPDataLoader):
+            problems.append(
+                "data_loader is already a DPDataLoader; pass the plain DataLoader, "
+                "make_private adds Poisson sampling itself"
+            )
+        elif isinstance(data_loader.dataset, IterableDataset):
+            problems.append(
+                "data_loader iterates an IterableDataset; Poisson sampling needs a map-style "
+                "dataset (with __len__ and __getitem__)"
+            )
+        elif data_loader.batch_size is None:
+            problems.append(
+                "data_loader has no batch_size (a custom batch_sampler?); give it a batch_size, "
+                "which sets the expected Poisson batch size"
+            )
+        elif len(data_loader) == 0:
+            problems.append("data_loader yields no batches: the dataset is empty")
+    return problems
+
+
+class DPSession:
+    """One round of DP-SGD on a model; created by :func:`make_private`.
+
+    Attributes
+    ----------
+    module : torch.nn.Module
+        The caller's model, with Opacus hooks attached until :meth:`close`. Call it as usual.
+    optimizer : opacus.optimizers.DPOptimizer
+        Clips per-sample gradients, adds noise and scales by the expected batch size. Call
+        ``optimizer.step()`` and ``optimizer.zero_grad()`` after each :meth:`backward`.
+    data_loader : opacus.data_loader.DPDataLoader
+        Poisson-sampled loader over the same dataset: batches vary in size and can be empty
+        (then call ``backward(torch.empty(0))`` without a forward pass). Opacus builds an
+        empty batch in the structure of the first non-empty one; an empty *first* batch is a
+        list of zero-length tensors shaped like ``dataset[0]``'s items, and crashes in
+        Opacus 1.6.0 (``torch.zeros(dtype=str)``) if examples are dicts: have the dataset
+        yield tuples of tensors.
+    noise_multiplier : float
+        σ, noise standard deviation over ``max_grad_norm``.
+    max_grad_norm : float
+        Per-example clipping norm C.
+    sample_rate : float
+        Poisson sampling rate q, the figure to record in the ledger.
+    expected_batch_size : int
+        Denominator of the averaged gradient when ``loss_reduction="mean"``.
+    grad_sample_mode : {"hooks", "ghost", "functorch"}
+    loss_reduction : {"mean", "sum"}
+    max_steps : int or None
+        Steps allowed in this session (the round's charge), or no limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        module: nn.Module,
+        hooks: GradSampleHooks,
+        optimizer: DPOptimizer,
+        data_loader: DPDataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        expected_batch_size: int,
+        grad_sample_mode: GradSampleMode,
+        loss_reduction: Reduction,
+        max_steps: int | None,
+    ) -> None:
+        self.module = module
+        self.optimizer = optimizer
+        self.data_loader = data_loader
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.sample_rate = sample_rate
+        self.expected_batch_size = expected_batch_size
+        self.grad_sample_mode = grad_sample_mode
+        self.loss_reduction = loss_reduction
+        self.max_steps = max_steps
+        self._hooks = hooks
+        self._params: list[nn.Parameter] = list(optimizer.params)
+        self._steps = 0
+        self._backward_done = False
+        self._closed = False
+        # Replaces the PrivacyEngine's accountant hook: the ledger, not that per-round
+        # accountant, is the record. Called after clipping and noise, before the update.
+        optimizer.attach_step_hook(self._on_step)
+
+    @property
+    def steps(self) -> int:
+        """Noisy optimizer steps taken in this session."""
+        return self._steps
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
+
+    def backward(self, per_example_losses: torch.Tensor) -> torch.Tensor:
+        """Backpropagate a batch so that the next ``optimizer.step()`` is a correct DP step.
+
+        - ``hooks`` / ``functorch``: backpropagates the batch loss reduced with
+          ``loss_reduction``; Opacus' hooks record each example's gradient.
+        - ``ghost``: two backward passes through Opacus' ``DPTensorFastGradientClipping``:
+          the first computes per-example gradient norms, the second the clipped sum.
+        - empty batch (``per_example_losses.numel() == 0``): Poisson sampling can draw no
+          example at all. Skip the forward pass and pass ``torch.empty(0)``; the following
+          step then applies noise only, as the privacy analysis assumes.
+
+        Parameters
+        ----------
+        per_example_losses : torch.Tensor
+            ``(B,)`` losses from :func:`fedpeft.losses.per_example_loss`, computed from
+            ``self.module``'s output in training mode with gradients enabled.
+
+        Returns
+        -------
+        torch.Tensor
+            The detached batch loss (for logging; 0 for an empty batch).
+
+        Raises
+        ------
+        PrivacyError
+            If the session is closed, a backward was already done for this step, or the
+            losses are not ``(B,)``, do not require grad or are not finite.
+        """
+        if self._closed:
+            raise PrivacyError("DPSession.backward called after close(); call make_private again.")
+        if self._backward_done:
+            raise PrivacyError(
+                "DPSession.backward called twice without optimizer.step(); Poisson sampling "
+                "allows no gradient accumulation. Call optimizer.step() and "
+                "optimizer.zero_grad() after each backward."
+            )
+        if per_example_losses.dim() != 1:
+            raise PrivacyError(
+                f"per_example_losses must have shape (B,); got {tuple(per_example_losses.shape)}. "
+                "Use fedpeft.losses.per_example_loss (not a reduced loss)."
+            )
+        if per_example_losses.numel() == 0:
+            self._prepare_empty_step()
+            self._backward_done = True
+            return torch.zeros((), device=per_example_losses.device)
+        if not per_example_losses.requires_grad:
+            raise PrivacyError(
+                "per_example_losses do not require grad; compute them from session.module's "
+                "output in training mode, outside torch.no_grad()."
+            )
+        finite = torch.isfinite(per_example_losses.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise PrivacyError(
+                f"{bad} of {per_example_losses.numel()} per-example losses are not finite; "
+                "their gradients would poison the clipped sum. Lower the learning rate or check "
+                "the inputs."
+            )
+        if self.grad_sample_mode == "ghost":
+            DPTensorFastGradientClipping(
+                self._hooks, self.optimizer, per_example_losses, self.loss_reduction
+            ).backward()
+        else:
+            # torch.autograd.backward: Tensor.backward is untyped in torch 2.13
+            torch.autograd.backward(batch_loss(per_example_losses, self.loss_reduction))
+        self._backward_done = True
+        return batch_loss(per_example_losses.detach(), self.loss_reduction)
+
+    def close(self) -> None:
+        """Remove every Opacus hook and attribute from the model (idempotent).
+
+        Afterwards ``self.module`` is the plain peft model again, with ``.grad`` cleared, and
+        can be passed to :func:`make_private` for the next round. This session's optimizer
+        and data loader must not be used any more.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._hooks.cleanup()  # removes hooks; deletes grad_sample & co. from parameters
+        _strip_opacus(self.module)
+        for p in self._params:
+            p.grad = None  # the last step's noisy gradient must not leak into later use
+
+    def __enter__(self) -> DPSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare_empty_step(self) -> None:
+        """Gradient state for a batch with no examples: the step adds noise to zero."""
+        for sub in self.module.modules():  # drop activations of an empty forward, if one ran
+            for attr in ("activations", "max_batch_len"):
+                if attr in sub.__dict__:
+                    delattr(sub, attr)
+        for p in self._params:
+            if self.grad_sample_mode == "ghost":
+                p.grad = torch.zeros_like(p)  # the ghost optimizer noises p.grad directly
+            else:
+                # Opacus' per-sample gradient attribute: (0, *shape) for no examples
+                p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                    (0, *p.shape), dtype=p.dtype, device=p.device
+                )
+
+    def _on_step(self, optimizer: DPOptimizer) -> None:
+        """Opacus step hook: runs after clipping and noise, before the parameter update."""
+        if self._closed:
+            raise PrivacyError("optimizer.step() called after DPSession.close().")
+        if not self._backward_done:
+            raise PrivacyError(
+                "optimizer.step() called without DPSession.backward(per_example_losses); a plain "
+                "loss.backward() skips clipping in ghost mode and may mis-scale per-sample "
+                "gradients in the others. No update was applied."
+            )
+        if self.max_steps is not None and self._steps >= self.max_steps:
+            raise BudgetExceededError(
+                f"step {self._steps + 1} refused: this session was charged for max_steps="
+                f"{self.max_steps} steps in the privacy ledger. No update was applied. "
+                "Stop the round after max_steps steps, or charge more steps before training."
+            )
+        self._backward_done = False
+        self._steps += 1
+
+
+def make_private(
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[object],
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: GradSampleMode = "hooks",
+    loss_reduction: Reduction = "mean",
+    max_steps: int | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> DPSession:
+    """Prepare one round of DP-SGD on a peft model's trainable (adapter) parameters.
+
+    Poisson sampling is always on: it is what the accountants assume, and without it a
+    ragged last batch mis-scales the gradient.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The peft model, on its final device and dtype, in training mode, with only adapter
+        tensors (and ``modules_to_save`` heads) trainable. Hooks are attached to it in place.
+    optimizer : torch.optim.Optimizer
+        Created *after* the model reached its final device, over exactly its trainable
+        parameters. Its state (e.g. Adam moments) is kept.
+    data_loader : torch.utils.data.DataLoader
+        A plain map-style loader; its ``batch_size`` becomes the expected Poisson batch size,
+        and its ``generator`` (if any) drives the sampling.
+    noise_multiplier : float
+        σ >= 0, e.g. from :func:`fedpeft.privacy.calibration.calibrate_noise_multiplier`.
+    max_grad_norm : float
+        Per-example clipping norm C > 0.
+    grad_sample_mode : {"hooks", "ghost", "functorch"}, default "hooks"
+        How Opacus gets per-example gradients. ``ghost`` computes only their norms (saves
+        memory, slower for small LoRA tensors); ``functorch`` uses ``torch.func`` for
+        every layer.
+    loss_reduction : {"mean", "sum"}, default "mean"
+        How :meth:`DPSession.backward` reduces the per-example losses; with "mean" the noisy
+        sum is divided by the expected batch size.
+    max_steps : int, optional
+        Refuse (``BudgetExceededError``, no update) any step beyond this many: pass the steps
+        charged to the ledger for this round.
+    noise_generator : torch.Generator, optional
+        Source of the Gaussian noise (torch's default generator if omitted); a seeded one
+        makes simulations reproducible. Not cryptographically secure either way.
+
+    Returns
+    -------
+    DPSession
+        Holds the model, DP optimizer and Poisson loader; call :meth:`DPSession.close` at the
+        end of the round.
+
+    Raises
+    ------
+    PrivacyConfigError
+        If a numeric setting or mode is invalid.
+    DPCompatibilityError
+        Listing every problem with the model, optimizer and data loader.
+
+    Examples
+    --------
+    One round at a site (``ledger`` a :class:`~fedpeft.privacy.ledger.PrivacyLedger`):
+
+    >>> q = poisson_sample_rate(loader)
+    >>> ledger.record(run_id=run, round=rnd, noise_multiplier=sigma, sample_rate=q,
+    ...               steps=local_steps, ceiling_epsilon=site_ceiling)  # charge first
+    >>> model.train()
+    >>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    >>> with make_private(module=model, optimizer=optimizer, data_loader=loader,
+    ...                   noise_multiplier=sigma, max_grad_norm=1.0,
+    ...                   max_steps=local_steps) as session:
+    ...     batches = iter(session.data_loader)  # restart it when exhausted
+    ...     while session.steps < local_steps:
+    ...         ids, mask, labels = next(batches)
+    ...         if labels.shape[0] == 0:
+    ...             session.backward(torch.empty(0))  # noise-only step, no forward
+    ...         else:
+    ...             logits = session.module(input_ids=ids, attention_mask=mask).logits
+    ...             session.backward(per_example_loss(logits, labels, task=task))
+    ...         session.optimizer.step()
+    ...         session.optimizer.zero_grad()
+    """
+    _check_settings(
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode=grad_sample_mode,
+        loss_reduction=loss_reduction,
+        max_steps=max_steps,
+    )
+    problems = find_dp_problems(module, optimizer=optimizer, data_loader=data_loader)
+    if problems:
+        raise DPCompatibilityError(
+            f"the model cannot be trained with DP-SGD ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    try:
+        wrapped = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            loss_reduction=loss_reduction,
+            poisson_sampling=True,
+            clipping="flat",
+            noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
+            wrap_model=False,
+        )
+    except BaseException:
+        _strip_opacus(module)  # leave the cached model as it was, ready for another try
+        raise
+    # (hooks, optimizer, data_loader), or (hooks, optimizer, criterion, data_loader) in ghost
+    # mode; the criterion is not needed: DPSession.backward builds the same clipped loss.
+    hooks, dp_optimizer, dp_loader = wrapped[0], wrapped[1], wrapped[-1]
+    return DPSession(
+        module=module,
+        hooks=hooks,
+        optimizer=cast(DPOptimizer, dp_optimizer),
+        data_loader=cast(DPDataLoader, dp_loader),
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=float(dp_loader.sample_rate),
+        expected_batch_size=int(dp_optimizer.expected_batch_size),
+        grad_sample_mode=grad_sample_mode,
+        loss_reduction=loss_reduction,
+        max_steps=max_steps,
+    )

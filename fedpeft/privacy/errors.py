@@ -1,0 +1,51 @@
+"""Exceptions raised by ``fedpeft.privacy``.
+
+This module owns the error types of the differential-privacy core, so that callers (the
+client's training loop, the CLI) can tell a bad privacy setting, an exhausted budget, a damaged
+ledger and a model Opacus cannot handle apart, and turn each into a clear error reply. Every
+message names the value at fault, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExceededError",
+    "DPCompatibilityError",
+    "LedgerError",
+    "PrivacyConfigError",
+    "PrivacyError",
+]
+
+
+class PrivacyError(Exception):
+    """Base class of every error raised by ``fedpeft.privacy``."""
+
+
+class PrivacyConfigError(PrivacyError, ValueError):
+    """A privacy setting is invalid or its target cannot be reached.
+
+    Raised before any training starts, e.g. for ``epsilon <= 0``, ``delta`` outside ``(0, 1)``,
+    a sampling rate outside ``(0, 1]`` or an ε target that no sane noise multiplier reaches.
+    """
+
+
+class BudgetExceededError(PrivacyError):
+    """Spending more privacy budget would exceed the site's ε ceiling.
+
+    The message states the ε already spent, the ε after the refused work and the ceiling.
+    Nothing is recorded in the ledger when this is raised.
+    """
+
+
+class LedgerError(PrivacyError):
+    """The privacy ledger file is unreadable, corrupted or inconsistent with a new record.
+
+    A ledger is never reset silently: that would let a site overspend its budget.
+    """
+
+
+class DPCompatibilityError(PrivacyError):
+    """The model, optimizer or data loader cannot be trained with DP-SGD as given.
+
+    The message lists every problem found at once (as Opacus' ``ModuleValidator`` does).
+    """

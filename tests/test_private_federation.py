@@ -1,0 +1,158 @@
+"""Differential privacy across a federation: ledgers, ceilings, refusals, reported ε."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedpeft import constants as K
+from fedpeft.client.app import make_client_app
+from fedpeft.config import FedPeftConfig, compose_config
+from fedpeft.privacy.calibration import compute_epsilon
+from fedpeft.server.app import run_federation
+from tests.conftest import write_classification_csv
+from tests.inprocess import InProcessGrid
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha:UserWarning"),
+]
+NODES = (11, 22, 33)
+
+
+def _config(tmp_path: Path, *overrides: str) -> FedPeftConfig:
+    # RDP keeps these tests fast; the first test checks the default accountant (PRV).
+    return compose_config(
+        [
+            "experiment=tiny_private",
+            f"data.path={tmp_path / 'unused.csv'}",
+            "privacy.accountant=rdp",
+            *overrides,
+        ]
+    )
+
+
+def _grid(
+    config: FedPeftConfig,
+    tmp_path: Path,
+    *,
+    run_id: int = 1,
+    extra: dict[int, dict[str, Any]] | None = None,
+) -> InProcessGrid:
+    node_configs: dict[int, dict[str, Any]] = {}
+    for node in NODES:
+        csv = tmp_path / f"site{node}.csv"
+        if not csv.exists():
+            write_classification_csv(csv, n=64, seed=node)
+        node_configs[node] = {
+            K.NODE_DATA_PATH: str(csv),
+            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
+            **(extra or {}).get(node, {}),
+        }
+    return InProcessGrid(make_client_app(config), node_configs, run_id=run_id)
+
+
+def _ledger(tmp_path: Path, node: int) -> dict[str, Any]:
+    return json.loads((tmp_path / f"ledger{node}.json").read_text())
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reported_epsilon_is_opacus_on_the_ledger_and_within_target(tmp_path: Path) -> None:
+    config = _config(tmp_path, "privacy.epsilon=4", "privacy.accountant=prv")
+    run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
+    rows = _rows(tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    for node in NODES:
+        ledger = _ledger(tmp_path, node)
+        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
+        expected = compute_epsilon(history, delta=ledger["delta"], accountant="prv")
+        assert rows[-1]["epsilon"][str(node)] == pytest.approx(expected, rel=1e-9)
+        assert rows[0]["epsilon"][str(node)] < rows[1]["epsilon"][str(node)] <= 4.0
+        assert rows[1]["epsilon"][str(node)] > 3.8  # calibrated to use the budget, not waste it
+        site = report["sites"][str(node)]
+        assert site["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert site["delta"] == pytest.approx(1 / (10 * 51))  # 64 rows, 13 held out
+        assert site["steps"] == 6 and site["clip_norm"] == 1.0 and site["accountant"] == "prv"
+        assert site["sampling_rate"] == pytest.approx(1 / 7)  # ceil(51 / 8) Poisson batches
+        assert site["noise_multiplier"] > 0
+    assert report["differential_privacy"]["enabled"] is True
+    assert report["secure_aggregation"]["server_sees"] == "each site's update in the clear"
+
+
+def test_site_ceiling_wins_over_the_coordinator(tmp_path: Path) -> None:
+    config = _config(tmp_path, "privacy.epsilon=100")
+    grid = _grid(config, tmp_path, extra={22: {K.NODE_EPSILON_MAX: 1.5}})
+    run_federation(grid, config, run_dir=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert report["sites"]["22"]["epsilon_ceiling"] == 1.5
+    assert report["sites"]["22"]["epsilon"] <= 1.5
+    assert report["sites"]["11"]["epsilon"] > 1.5  # the others use the coordinator's target
+
+
+def test_budget_refusal_trains_nothing_and_federation_goes_on(tmp_path: Path) -> None:
+    # A fixed σ = 0.8 gives ε 2.71 after round 1 and 3.40 after round 2 (RDP): a ceiling of 3
+    # fits round 1 only.
+    config = _config(tmp_path, "privacy.noise_multiplier=0.8", "federation.rounds=3")
+    grid = _grid(config, tmp_path, extra={33: {K.NODE_EPSILON_MAX: 3.0}})
+    run_federation(grid, config, run_dir=tmp_path / "run")
+    rows = _rows(tmp_path / "run")
+    assert rows[1]["failures"]["33"].startswith(K.REFUSAL_BUDGET)
+    assert "ceiling" in rows[1]["failures"]["33"]
+    assert [e["round"] for e in _ledger(tmp_path, 33)["entries"]] == [1]  # nothing charged
+    assert rows[1]["sites_replied"] == 2 and rows[1]["updated"]
+    assert rows[2]["sites_sampled"] == 2  # the exhausted site is no longer asked
+    report = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert report["sites"]["33"]["budget_exhausted"] and report["sites"]["33"]["epsilon"] <= 3.0
+
+
+def test_federation_ends_clearly_when_too_few_sites_have_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(
+        tmp_path, "privacy.noise_multiplier=0.8", "federation.rounds=3", "federation.min_sites=2"
+    )
+    grid = _grid(config, tmp_path, extra={n: {K.NODE_EPSILON_MAX: 3.0} for n in (22, 33)})
+    run_federation(grid, config, run_dir=tmp_path / "run")
+    assert [r["round"] for r in _rows(tmp_path / "run")] == [1, 2]
+    assert "federation ended before round 3: 1 site(s) left with privacy budget" in (
+        capsys.readouterr().err
+    )
+
+
+def test_ledger_survives_runs_and_the_second_run_fits_the_rest(tmp_path: Path) -> None:
+    config = _config(tmp_path, "privacy.epsilon=4")
+    run_federation(_grid(config, tmp_path, run_id=1), config, run_dir=tmp_path / "run1")
+    first = _rows(tmp_path / "run1")[-1]["epsilon"]["11"]
+    run_federation(_grid(config, tmp_path, run_id=2), config, run_dir=tmp_path / "run2")
+    second = _rows(tmp_path / "run2")[-1]["epsilon"]["11"]
+    entries = _ledger(tmp_path, 11)["entries"]
+    assert [(e["run_id"], e["round"]) for e in entries] == [("1", 1), ("1", 2), ("2", 1), ("2", 2)]
+    assert first < second <= 4.0  # calibrated to what the first run left
+    assert entries[2]["noise_multiplier"] > entries[0]["noise_multiplier"]
+
+
+def test_impossible_target_is_an_error_before_training(tmp_path: Path) -> None:
+    config = _config(tmp_path, "privacy.epsilon=0.001", "federation.rounds=1")
+    run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
+    (row,) = _rows(tmp_path / "run")
+    assert not row["updated"] and row["sites_failed"] == 3
+    assert all("cannot be reached" in reason for reason in row["failures"].values())
+    assert all(_ledger(tmp_path, n)["entries"] == [] for n in NODES)
+
+
+def test_a_site_without_ledger_path_refuses(tmp_path: Path) -> None:
+    config = _config(tmp_path, "federation.rounds=1")
+    grid = _grid(config, tmp_path)
+    del grid.contexts[11].node_config[K.NODE_LEDGER_PATH]
+    run_federation(grid, config, run_dir=tmp_path / "run")
+    (row,) = _rows(tmp_path / "run")
+    assert "ledger-path" in row["failures"]["11"] and row["sites_replied"] == 2
