@@ -43,5 +43,10 @@ test: lint
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
 
+# The default benchmark set (under 20 minutes on 2 cores); regenerates benchmarks/README.md.
+# `$(BIN)/python benchmarks/run.py --full` runs the long versions and the quality sweep.
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

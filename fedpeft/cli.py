@@ -1,4 +1,5 @@
-"""The ``fedpeft`` command: ``simulate`` a federation, ``export`` its adapter.
+"""The ``fedpeft`` command: ``simulate`` a federation, ``export`` its adapter, make ``certs``
+and ``keys`` for a real deployment (:mod:`fedpeft.deploy`).
 
 Hydra overrides are the trailing ``key=value`` words of ``fedpeft simulate``; they are
 composed over ``conf/`` by :func:`fedpeft.config.compose_config`, which fails at once on
@@ -60,6 +61,32 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import DEFAULT_HOSTS, make_certificates
+
+    files = make_certificates(
+        args.out, hosts=args.host or DEFAULT_HOSTS, days=args.days, force=args.force
+    )
+    print(f"CA and SuperLink certificate for {', '.join(files.hosts)} written to {args.out}:")
+    print(f"  coordinator: flower-superlink --ssl-ca-certfile {files.ca_cert} \\")
+    print(f"                 --ssl-certfile {files.server_cert} --ssl-keyfile {files.server_key}")
+    print(f"  every site and the flwr CLI: {files.ca_cert} (root certificate, public)")
+    print(f"  keep private: {files.ca_key}, {files.server_key}")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import make_site_keys, site_names
+
+    names = site_names(sites=args.sites, names=args.name or ())
+    for key in make_site_keys(args.out, names, force=args.force):
+        print(
+            f"{key.name}: flwr supernode register {key.public_key}   "
+            f"(site: flower-supernode --auth-supernode-private-key {key.private_key})"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new folder to write")
     exp.add_argument("--merge", action="store_true", help="merge LoRA into the base model")
     exp.set_defaults(func=_export)
+    certs = sub.add_parser("certs", help="TLS: a CA and a SuperLink certificate signed by it")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.*")
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="IP address or DNS name sites dial (repeatable; default 127.0.0.1 and localhost)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(func=_certs)
+    keys = sub.add_parser("keys", help="ECDSA key pairs for SuperNode authentication")
+    keys.add_argument("--out", required=True, help="folder for <site>.key and <site>.pub")
+    keys.add_argument("--sites", type=int, help="make site-1 … site-N")
+    keys.add_argument("--name", action="append", help="a site's name (repeatable)")
+    keys.add_argument("--force", action="store_true", help="overwrite existing files")
+    keys.set_defaults(func=_keys)
     return parser
 
 

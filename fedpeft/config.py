@@ -63,7 +63,9 @@ class LoraSettings:
     """LoRA adapter hyper-parameters (peft ``LoraConfig``)."""
 
     r: int = 8
-    alpha: int = 16
+    # peft scales B·A by alpha / r; a float so that a site of lower rank (node config
+    # lora-rank) can keep the same scaling with alpha·r_site/r (see fedpeft.ranks).
+    alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
 
@@ -97,7 +99,7 @@ class TrainConfig:
     local_steps: int = 10
     batch_size: int = 32
     eval_batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 3e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     device: str = "auto"
@@ -166,11 +168,15 @@ class SecAggConfig:
     ``clip_range`` bounds every element of a site's update before fixed-point
     quantisation (values beyond it are clipped; a LoRA delta of one round is orders of
     magnitude smaller). ``num_neighbours`` / ``threshold``: None picks SecAgg+'s
-    defaults for the number of sampled sites.
+    defaults for the number of sampled sites. ``mixed_ranks``: every masked vector also
+    carries ``lora.r`` rank-slot indicators (exactly 0 or 1; needs ``clip_range >= 1``), so
+    sites with a node-config ``lora-rank`` below ``lora.r`` are averaged per rank slot; with
+    false such sites refuse secure rounds (plain aggregation needs no switch).
     """
 
     enabled: bool = False
     clip_range: float = 1.0
+    mixed_ranks: bool = False
     num_neighbours: int | None = None
     threshold: int | None = None
     stage_timeout: float = 600.0
@@ -351,6 +357,11 @@ def _problems(config: FedPeftConfig) -> list[str]:
             f"secagg.clip_range={config.secagg.clip_range}: must be > 0",
         ),
         (
+            not config.secagg.mixed_ranks or config.secagg.clip_range >= 1.0,
+            f"secagg.mixed_ranks=true with secagg.clip_range={config.secagg.clip_range}: the "
+            "0/1 rank-slot indicators need clip_range >= 1; set secagg.clip_range=1.0",
+        ),
+        (
             not config.secagg.enabled or config.federation.min_sites >= 2,
             "secagg.enabled=true needs federation.min_sites >= 2 (a sum of one site is that site)",
         ),
@@ -372,20 +383,38 @@ def as_dict(config: FedPeftConfig) -> dict[str, Any]:
     return out
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> FedPeftConfig:
-    """The one place that reads Flower's ``run_config``: compose its Hydra overrides.
+@dataclass(frozen=True)
+class RunSettings:
+    """What a submitted run asks for: the configuration, and whether it continues a federation."""
+
+    config: FedPeftConfig
+    resume_from: str | None  # run directory of the federation to continue; None: a new one
+
+
+def read_run_config(run_config: Mapping[str, Any]) -> RunSettings:
+    """The one place that reads Flower's ``run_config``.
 
     The coordinator submits ``flwr run . FED --run-config 'overrides="k=v k2=v2"'``; the
-    ServerApp and every ClientApp compose the same ``conf/`` with the same overrides.
+    ServerApp and every ClientApp compose the same ``conf/`` with the same overrides. With
+    ``resume-from="/path/to/run"`` (read by the ServerApp only) the federation whose run
+    directory that is continues after its last finished round.
     """
-    from fedpeft.constants import RUN_OVERRIDES
+    from fedpeft.constants import RUN_OVERRIDES, RUN_RESUME_FROM
 
-    raw = run_config.get(RUN_OVERRIDES, "")
-    if not isinstance(raw, str):
-        raise ConfigError(
-            f"run config {RUN_OVERRIDES!r} must be a string, got {type(raw).__name__}"
-        )
-    return _compose_cached(tuple(shlex.split(raw)))
+    values = {key: run_config.get(key, "") for key in (RUN_OVERRIDES, RUN_RESUME_FROM)}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"run config {key}={value!r} must be a string, got {type(value).__name__}; "
+                f"quote it: --run-config '{key}=\"...\"'"
+            )
+    config = _compose_cached(tuple(shlex.split(values[RUN_OVERRIDES])))
+    return RunSettings(config=config, resume_from=values[RUN_RESUME_FROM].strip() or None)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedPeftConfig:
+    """The configuration of :func:`read_run_config` (all a ClientApp needs)."""
+    return read_run_config(run_config).config
 
 
 @functools.lru_cache(maxsize=8)

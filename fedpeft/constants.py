@@ -8,6 +8,7 @@ silently desynchronise the ServerApp and the ClientApp.
 
 # --- run config (coordinator → everyone) -------------------------------------------------
 RUN_OVERRIDES = "overrides"  # space-separated Hydra overrides, e.g. "federation.rounds=5"
+RUN_RESUME_FROM = "resume-from"  # a run directory: continue that federation after its last round
 
 # --- node config (site operator → its own ClientApp; never leaves the site) --------------
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation engine
@@ -17,6 +18,7 @@ NODE_DEVICE = "device"  # auto | cpu | cuda | mps
 NODE_LEDGER_PATH = "ledger-path"  # the site's privacy ledger file (JSON), kept across runs
 NODE_EPSILON_MAX = "privacy-epsilon-max"  # the site's ε ceiling; the coordinator cannot raise it
 NODE_DELTA = "privacy-delta"  # the site's δ (default: 1/(10·N) at the first run)
+NODE_LORA_RANK = "lora-rank"  # the site's LoRA rank, 1..lora.r (default: lora.r)
 
 # --- message record keys ------------------------------------------------------------------
 ARRAYS = "adapter"  # ArrayRecord: one flat float32 array under ARRAY_FLAT
@@ -28,6 +30,9 @@ LAYOUT = "layout"  # ConfigRecord: names and element counts of the flat array's 
 # ConfigRecord entries, server → site
 CFG_ROUND = "round"
 CFG_TRAIN_NAMES = "train-names"  # which adapter tensors the site trains and sends back
+# Stable across a resumed federation (a resumed ServerApp gets a new Flower run id): the key
+# under which sites charge the round to their privacy ledgers.
+CFG_FEDERATION_ID = "federation-id"
 
 # LAYOUT entries, site → server
 LAYOUT_NAMES = "names"
@@ -39,6 +44,9 @@ MET_TRAIN_LOSS = "train-loss"
 MET_EVAL_LOSS = "eval-loss"
 MET_EVAL_ACCURACY = "eval-accuracy"
 MET_SECONDS = "seconds"
+# a site training a LoRA rank below lora.r reports it (plain aggregation only; under secure
+# aggregation its rank-slot indicator rides inside the masked vector instead)
+MET_LORA_RANK = "lora-rank"
 # privacy figures, site → server (what privacy.json reports)
 MET_EPSILON = "epsilon"  # ε spent so far by this site, over its whole ledger
 MET_EPSILON_CEILING = "epsilon-ceiling"

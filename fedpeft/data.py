@@ -16,20 +16,20 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-)
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import ConfigError, DataConfig, FederationConfig
 from fedpeft.losses import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    # Imported where used: flwr-datasets loads matplotlib and seaborn (~2 s), which a real
+    # site (its own file, no partitioning) never needs in its per-message ClientApp process.
+    from flwr_datasets.partitioner import Partitioner
 
 
 def _required_columns(config: DataConfig, task: str) -> tuple[str, str]:
@@ -151,6 +151,12 @@ def make_partitioner(
     federation: FederationConfig, data: DataConfig, task: str, *, seed: int
 ) -> Partitioner:
     """A flwr-datasets partitioner for ``federation.partition``."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+    )
+
     num = federation.num_sites
     if federation.partition == "iid":
         return IidPartitioner(num_partitions=num)

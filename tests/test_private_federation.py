@@ -135,7 +135,17 @@ def test_ledger_survives_runs_and_the_second_run_fits_the_rest(tmp_path: Path) -
     run_federation(_grid(config, tmp_path, run_id=2), config, run_dir=tmp_path / "run2")
     second = _rows(tmp_path / "run2")[-1]["epsilon"]["11"]
     entries = _ledger(tmp_path, 11)["entries"]
-    assert [(e["run_id"], e["round"]) for e in entries] == [("1", 1), ("1", 2), ("2", 1), ("2", 2)]
+    federations = [
+        json.loads((tmp_path / run / "federation.json").read_text())["federation_id"]
+        for run in ("run1", "run2")
+    ]  # each federation's own id keys its rounds (not Flower's run id)
+    assert federations[0] != federations[1]
+    assert [(e["run_id"], e["round"]) for e in entries] == [
+        (federations[0], 1),
+        (federations[0], 2),
+        (federations[1], 1),
+        (federations[1], 2),
+    ]
     assert first < second <= 4.0  # calibrated to what the first run left
     assert entries[2]["noise_multiplier"] > entries[0]["noise_multiplier"]
 

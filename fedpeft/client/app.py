@@ -8,14 +8,24 @@ gradients never leave the site. A failure becomes an error reply the server reco
 ``app`` (the module attribute) is what Flower loads in a real deployment; it reads its
 configuration from the run config. :func:`make_client_app` with a configuration is what
 ``fedpeft simulate`` hands to Flower's simulation engine; both run the same handlers.
+
+The site's model, data and training code (torch, transformers, peft, Opacus) are imported
+when a handler first needs them, not with this module: a deployed SuperNode starts a fresh
+process per message, and three of the four secure-aggregation stages need none of them.
+
+A round is charged to the site's privacy ledger under the federation id the server sends
+(:data:`fedpeft.constants.CFG_FEDERATION_ID`), which stays the same when a crashed server
+resumes the federation under a new Flower run id.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import (
@@ -34,24 +44,45 @@ from numpy.typing import NDArray
 
 from fedpeft import constants as K
 from fedpeft.client import secure_aggregation as secure
-from fedpeft.client.privacy import site_privacy
-from fedpeft.client.site import Site, load_site
-from fedpeft.client.train import evaluate_local, train_local
 from fedpeft.config import FedPeftConfig, from_run_config
-from fedpeft.model import AdapterLayout
+
+if TYPE_CHECKING:  # imported where used: see the module docstring
+    from fedpeft.client.site import Site
+    from fedpeft.model import AdapterLayout
 
 logger = logging.getLogger(__name__)
+_FEDERATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def ledger_run_id(msg: Message) -> str:
+    """The key of this round's federation in the site's ledger: the server's federation id.
+
+    A server that sends none (an older fedpeft) gets Flower's run id, as before.
+    """
+    value = msg.content.config_records[K.CONFIG].get(K.CFG_FEDERATION_ID, "")
+    if not value:
+        return str(msg.metadata.run_id)
+    if not isinstance(value, str) or not _FEDERATION_ID.fullmatch(value):
+        raise ValueError(
+            f"train instruction has {K.CFG_FEDERATION_ID}={value!r}; allowed: 1 to 128 letters, "
+            "digits, '.', '_' or '-' (the server and this site run different fedpeft versions)"
+        )
+    return value
 
 
 def _global_flat(msg: Message, site: Site) -> NDArray[np.float32]:
+    """The global adapter in ``msg``, checked, cut to this site's LoRA rank (no-op at full rank)."""
     flat = msg.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
-    if flat.dtype != np.float32 or flat.shape != (site.loaded.layout.size,):
+    expected = site.global_layout.size
+    if flat.dtype != np.float32 or flat.shape != (expected,):
         raise ValueError(
             f"global adapter has dtype {flat.dtype} and shape {flat.shape}, but this site's "
-            f"model expects float32 ({site.loaded.layout.size},): site and server run different "
+            f"model expects float32 ({expected},): site and server run different "
             "model or LoRA settings."
         )
-    return flat
+    from fedpeft.ranks import slice_to_rank
+
+    return slice_to_rank(flat, site.global_layout, site.rank)
 
 
 @dataclass(frozen=True)
@@ -59,8 +90,9 @@ class LocalUpdate:
     """A site's update for one round, before it is packed or masked."""
 
     delta: NDArray[np.float32]  # laid out as ``layout``
-    layout: AdapterLayout
+    layout: AdapterLayout  # the trained tensors at the federation's rank lora.r
     metrics: dict[str, int | float]  # figures reported next to the update
+    rank_slots: NDArray[np.float32]  # (lora.r,) 1.0 for the rank slots this site trained, else 0
 
 
 def local_update(msg: Message, site: Site) -> LocalUpdate:
@@ -69,21 +101,30 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
     With ``privacy.enabled`` the round is first charged to the site's privacy ledger —
     refused (``BudgetExceededError``, nothing trained) when it would cross the site's
     ceiling — and then trained with DP-SGD; the reply reports ε spent so far.
+
+    A site of rank ``r_i < lora.r`` trains the leading block of the global factors and pads
+    its delta with zeros to the global trained layout (:mod:`fedpeft.ranks`); it reports its
+    rank (plain aggregation) and its rank-slot indicator (``rank_slots``, secure aggregation).
     """
+    from fedpeft.client.privacy import site_privacy
+    from fedpeft.client.train import train_local
+    from fedpeft.ranks import pad_to_rank, rank_indicator
+
     instructions = msg.content.config_records[K.CONFIG]
     round_number = int(instructions[K.CFG_ROUND])  # type: ignore[arg-type]
     trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]  # type: ignore[union-attr]
     global_flat = _global_flat(msg, site)
     privacy = None
     if site.config.privacy.enabled:
+        run_id = ledger_run_id(msg)
         privacy = site_privacy(
             site.config,
             site.node_config,
             site_name=site.name,
             num_train=site.data.num_train,
-            run_id=str(msg.metadata.run_id),
+            run_id=run_id,
         )
-        privacy.charge(run_id=str(msg.metadata.run_id), round_number=round_number)
+        privacy.charge(run_id=run_id, round_number=round_number)
     result = train_local(
         site.loaded,
         site.data.train,
@@ -94,15 +135,22 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
         seed=site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode()),
         dp=privacy.dp if privacy is not None else None,
     )
-    layout = site.loaded.layout.subset(lambda n: n in set(trained_names))
+    layout = site.global_layout.subset(lambda n: n in set(trained_names))
     metrics: dict[str, int | float] = {
         K.MET_NUM_EXAMPLES: result.num_examples,
         K.MET_TRAIN_LOSS: result.train_loss,
         K.MET_SECONDS: result.seconds,
     }
+    if site.rank < site.config.lora.r:
+        metrics[K.MET_LORA_RANK] = site.rank
     if privacy is not None:
         metrics.update(privacy.metrics())
-    return LocalUpdate(delta=result.delta, layout=layout, metrics=metrics)
+    return LocalUpdate(
+        delta=pad_to_rank(result.delta, layout, site.rank),
+        layout=layout,
+        metrics=metrics,
+        rank_slots=rank_indicator(site.rank, site.config.lora.r),
+    )
 
 
 def handle_train(msg: Message, site: Site) -> RecordDict:
@@ -123,7 +171,13 @@ def handle_train(msg: Message, site: Site) -> RecordDict:
 
 
 def handle_evaluate(msg: Message, site: Site) -> RecordDict:
-    """Evaluate the global adapter on the site's held-out split."""
+    """Evaluate the global adapter on the site's held-out split.
+
+    A site of rank ``r_i < lora.r`` evaluates the adapter's leading rank-``r_i`` block, the
+    model it can run.
+    """
+    from fedpeft.client.train import evaluate_local
+
     result = evaluate_local(
         site.loaded,
         site.data.test,
@@ -152,6 +206,8 @@ def _answer(
     handler: Callable[[Message, Site], RecordDict],
 ) -> Message:
     try:
+        from fedpeft.client.site import load_site
+
         resolved = config if config is not None else from_run_config(context.run_config)
         site = load_site(resolved, context.node_config)
         return Message(handler(msg, site), reply_to=msg)
@@ -192,7 +248,12 @@ def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
             msg,
             context,
             config,
-            lambda m, site: secure.handle_masked(m, context, train=lambda: local_update(m, site)),
+            lambda m, site: secure.handle_masked(
+                m,
+                context,
+                train=lambda: local_update(m, site),
+                rank_slots=site.config.secagg.mixed_ranks,
+            ),
         )
 
     @client_app.train(K.SECAGG_UNMASK)

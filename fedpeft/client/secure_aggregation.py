@@ -13,6 +13,9 @@ state expects (right round, right stage), then clips its delta to the server's c
 quantises and masks it, and sends the uint32 vector plus its scalar figures (loss, seconds and
 whatever else the training reports, e.g. ε) but not its example count: under secure
 aggregation sites weigh equally and the server does not learn how much data a site holds.
+With ``secagg.mixed_ranks`` the vector ends with the site's ``lora.r`` rank-slot indicators
+(exactly 0.0 or 1.0, see :mod:`fedpeft.ranks`), so the server learns per-slot site counts
+only as a sum; the site's rank is then not reported in the clear.
 How many values were clipped is logged here and never sent.
 
 A request that breaks the protocol (wrong round, wrong stage, no round in progress, malformed
@@ -26,6 +29,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -119,7 +123,11 @@ def handle_share_keys(msg: Message, context: Context) -> RecordDict:
 
 
 def handle_masked(
-    msg: Message, context: Context, *, train: Callable[[], LocalUpdate]
+    msg: Message,
+    context: Context,
+    *,
+    train: Callable[[], LocalUpdate],
+    rank_slots: bool = False,
 ) -> RecordDict:
     """Stage masked: check the request, train (``train()``), answer the masked delta.
 
@@ -133,12 +141,16 @@ def handle_masked(
     train : callable
         Runs the local training of this request and returns its ``LocalUpdate``; called only
         once the request is known to belong to the round in progress.
+    rank_slots : bool, default False
+        Append the update's rank-slot indicators to the masked vector (``secagg.mixed_ranks``;
+        the server's vector length then includes them).
     """
     client = _load(context)
     request = _request(MaskedVectorRequest, msg)
     client.check_request(request)
     update = train()
-    masked = client.collect_masked_vectors(request, update=update.delta)
+    vector = np.concatenate([update.delta, update.rank_slots]) if rank_slots else update.delta
+    masked = client.collect_masked_vectors(request, update=vector)
     _save(context, client)
     if client.num_clipped:
         logger.warning(
@@ -146,11 +158,11 @@ def handle_masked(
             "were clipped (raise secagg.clip_range if this recurs)",
             context.node_id,
             client.num_clipped,
-            update.delta.size,
+            vector.size,
         )
     wire = encode(masked)
     figures: dict[str, MetricRecordValues] = {
-        k: v for k, v in update.metrics.items() if k != K.MET_NUM_EXAMPLES
+        k: v for k, v in update.metrics.items() if k not in (K.MET_NUM_EXAMPLES, K.MET_LORA_RANK)
     }
     return RecordDict(
         {

@@ -2,7 +2,8 @@
 
 This module owns *where a site's resources come from*: the composed configuration,
 the node config its operator set (data path, device), the base model with its adapter
-(loaded once per process and reused across rounds and runs), and the site's tokenised
+(loaded once per process and reused across rounds and runs, at the LoRA rank the site
+declares with node config ``lora-rank``, see :mod:`fedpeft.ranks`), and the site's tokenised
 train / held-out splits. In a simulation a site's data is one partition of a shared
 dataset; at a real site it is the operator's own file.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
-from flwr_datasets.partitioner import Partitioner
 
 from fedpeft import constants as K
 from fedpeft.config import ConfigError, FedPeftConfig
@@ -26,7 +27,11 @@ from fedpeft.data import (
     split_site,
     tokenize,
 )
-from fedpeft.model import LoadedModel, cached_model, resolve_device
+from fedpeft.model import AdapterLayout, LoadedModel, cached_model, resolve_device
+from fedpeft.ranks import check_site_rank, site_lora, with_rank
+
+if TYPE_CHECKING:  # flwr-datasets is imported only where a simulation partitions data
+    from flwr_datasets.partitioner import Partitioner
 
 
 @dataclass
@@ -39,6 +44,14 @@ class Site:
     loaded: LoadedModel
     data: SiteData
     device: torch.device
+    rank: int  # the LoRA rank this site trains, in [1, config.lora.r]
+
+    @property
+    def global_layout(self) -> AdapterLayout:
+        """The adapter layout at the federation's rank ``lora.r`` (what the server sends)."""
+        if self.rank == self.config.lora.r:
+            return self.loaded.layout
+        return with_rank(self.loaded.layout, self.config.lora.r)
 
 
 _PARTITIONERS: dict[str, Partitioner] = {}
@@ -73,6 +86,30 @@ def _raw_site_table(
     return f"site {partition_id}", partition
 
 
+def site_rank(config: FedPeftConfig, node_config: Mapping[str, object]) -> int:
+    """The LoRA rank this site trains: node config ``lora-rank``, by default ``lora.r``.
+
+    Raises
+    ------
+    ConfigError
+        For a rank outside ``[1, lora.r]``, or a rank below ``lora.r`` under secure
+        aggregation without ``secagg.mixed_ranks`` (the server could not count its slots).
+    """
+    if K.NODE_LORA_RANK not in node_config:
+        return config.lora.r
+    full = config.lora.r
+    rank = check_site_rank(node_config[K.NODE_LORA_RANK], full_rank=full)
+    if rank < full and config.secagg.enabled and not config.secagg.mixed_ranks:
+        raise ConfigError(
+            f"node config {K.NODE_LORA_RANK}={rank} is below the federation's lora.r={full}, "
+            "and secure aggregation averages lower-rank updates only with "
+            f"secagg.mixed_ranks=true (each masked vector then carries {full} rank-slot "
+            "indicators); ask the coordinator to set secagg.mixed_ranks=true, or start the "
+            f'SuperNode with --node-config "{K.NODE_LORA_RANK}={full}" (allowed: 1 to {full}).'
+        )
+    return rank
+
+
 def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
     """The site's resources, built once per process for a configuration and node."""
     device_name = str(node_config.get(K.NODE_DEVICE, config.train.device))
@@ -82,6 +119,7 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
     if config.train.num_threads > 0:
         torch.set_num_threads(config.train.num_threads)
     device = resolve_device(device_name)
+    rank = site_rank(config, node_config)
     name, table = _raw_site_table(config, node_config)
     train_table, test_table = split_site(
         table,
@@ -90,7 +128,9 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
         seed=config.seed,
         source=name,
     )
-    loaded = cached_model(config.model, config.lora, seed=config.seed, device=device)
+    loaded = cached_model(
+        config.model, site_lora(config.lora, rank), seed=config.seed, device=device
+    )
     data = SiteData(
         train=tokenize(
             train_table,
@@ -118,6 +158,7 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
         loaded=loaded,
         data=data,
         device=device,
+        rank=rank,
     )
     _SITES[key] = site
     return site

@@ -5,10 +5,17 @@ strategy names for ``train.local_steps`` optimiser steps, and returns the delta 
 those tensors. Per-example losses come from :mod:`fedpeft.losses` (the same ones DP-SGD
 clips); differential privacy wraps this loop through :mod:`fedpeft.privacy` rather than
 living inside it.
+
+On a CUDA device with bfloat16 support the forward pass of non-private training and of
+evaluation runs under bf16 autocast; weights, optimiser state and losses stay float32.
+DP-SGD trains in float32 throughout: Opacus computes per-sample gradients in the dtype of
+the layer's backpropagated gradients, so an autocast forward would clip and noise bf16
+gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -69,12 +76,30 @@ def cycle(loader: DataLoader[Batch]) -> Iterator[Batch]:
         yield from loader
 
 
+def autocast(
+    device: torch.device, *, enabled: bool = True
+) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on a CUDA device that supports bf16; no change anywhere else."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def forward_losses(
-    loaded: LoadedModel, model: torch.nn.Module, batch: Batch, device: torch.device
+    loaded: LoadedModel,
+    model: torch.nn.Module,
+    batch: Batch,
+    device: torch.device,
+    *,
+    mixed_precision: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example losses ``(B,)`` and the logits for one batch."""
+    """Per-example losses ``(B,)``, float32, and the logits for one batch.
+
+    ``mixed_precision`` runs the forward pass under :func:`autocast` (never under DP-SGD).
+    """
     ids, mask, labels = (t.to(device) for t in batch)
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    with autocast(device, enabled=mixed_precision):
+        logits = model(input_ids=ids, attention_mask=mask).logits
     return per_example_loss(logits, labels, task=loaded.task), logits
 
 
@@ -148,7 +173,9 @@ def train_local(
     if dp is None:
         batches = cycle(loader)
         for _ in range(config.local_steps):
-            per_example, _ = forward_losses(loaded, model, next(batches), device)
+            per_example, _ = forward_losses(
+                loaded, model, next(batches), device, mixed_precision=True
+            )
             loss = per_example.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -211,7 +238,9 @@ def evaluate_local(
     loss_sum = correct = count = 0.0
     for ids, mask, labels in loader:
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        with autocast(device):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = logits.float()  # losses in float32 whatever the forward's precision
         if loaded.task == "classification":
             loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += float((logits.argmax(-1) == labels).sum())

@@ -2,7 +2,8 @@
 
 An aggregation runs the training exchange(s) of one round and returns the sites'
 mean delta plus who took part. :class:`PlainAggregation` sends one train message per
-site and averages the validated replies weighted by their example counts;
+site and averages the validated replies weighted by their example counts (per LoRA rank
+slot when sites train different ranks, see :mod:`fedpeft.ranks`);
 ``fedpeft.server.secure_aggregation.SecureAggregation`` runs SecAgg+ so the server
 sees only the sum. Both give the same :class:`RoundOutcome`, so the round loop and the
 strategies do not know which one ran.
@@ -23,7 +24,7 @@ from numpy.typing import NDArray
 
 from fedpeft import constants as K
 from fedpeft.model import AdapterLayout
-from fedpeft.server.strategies import weighted_mean
+from fedpeft.ranks import layout_rank, nonzero_beyond_rank, slot_weighted_mean
 from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class RoundRequest:
     trained: AdapterLayout
     min_sites: int
     timeout: float
+    # Sent with every train instruction; sites key their privacy ledger by it (empty: by
+    # Flower's run id). Fixed for a federation's life, so a resumed round is not charged twice.
+    federation_id: str = ""
 
 
 def train_content(request: RoundRequest) -> RecordDict:
@@ -61,7 +65,11 @@ def train_content(request: RoundRequest) -> RecordDict:
         {
             K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(request.global_flat)}),
             K.CONFIG: ConfigRecord(
-                {K.CFG_ROUND: request.round_number, K.CFG_TRAIN_NAMES: list(request.trained.names)}
+                {
+                    K.CFG_ROUND: request.round_number,
+                    K.CFG_TRAIN_NAMES: list(request.trained.names),
+                    K.CFG_FEDERATION_ID: request.federation_id,
+                }
             ),
         }
     )
@@ -75,6 +83,33 @@ def site_figures(reply: Message) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
+def reported_rank(reply: Message, checked: TrainReply, trained: AdapterLayout) -> int:
+    """The LoRA rank a site trained: ``lora-rank`` in its figures, by default the full rank.
+
+    Raises
+    ------
+    ReplyRejected
+        If the rank is not an int in ``[1, lora.r]``, or the delta holds non-zero values in
+        rank slots the site says it did not train.
+    """
+    full = layout_rank(trained)
+    figures = site_figures(reply)
+    if K.MET_LORA_RANK not in figures:
+        return full
+    rank = figures[K.MET_LORA_RANK]
+    if not isinstance(rank, int) or not 1 <= rank <= full:
+        raise ReplyRejected(
+            f"node {checked.node_id}: {K.MET_LORA_RANK}={rank!r} is not an int in [1, {full}]"
+        )
+    stray = nonzero_beyond_rank(checked.delta, trained, rank)
+    if stray:
+        raise ReplyRejected(
+            f"node {checked.node_id}: {K.MET_LORA_RANK}={rank} but {stray} non-zero values in "
+            f"rank slots >= {rank}"
+        )
+    return rank
+
+
 class Aggregation(ABC):
     """The training exchange of a round."""
 
@@ -84,7 +119,12 @@ class Aggregation(ABC):
 
 
 class PlainAggregation(Aggregation):
-    """One train message per site; replies validated and averaged by example count."""
+    """One train message per site; replies validated and averaged by example count.
+
+    A site of rank ``r_i < lora.r`` reports ``lora-rank``; each rank slot ``k`` is averaged
+    over the sites with ``r_i > k`` only (:func:`fedpeft.ranks.slot_weighted_mean`), which is
+    the plain weighted mean when every site has the full rank.
+    """
 
     def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
         content = train_content(request)
@@ -94,6 +134,7 @@ class PlainAggregation(Aggregation):
         ]
         replies = list(grid.send_and_receive(messages, timeout=request.timeout))
         accepted: list[TrainReply] = []
+        ranks: list[int] = []  # the LoRA rank each accepted site trained
         outcome = RoundOutcome(
             mean_delta=None,
             contributors=[],
@@ -108,7 +149,9 @@ class PlainAggregation(Aggregation):
                 )
                 continue
             try:
-                accepted.append(check_train_reply(reply, request.trained))
+                checked = check_train_reply(reply, request.trained)
+                ranks.append(reported_rank(reply, checked, request.trained))
+                accepted.append(checked)
                 outcome.site_metrics[str(node)] = site_figures(reply)
             except ReplyRejected as err:
                 outcome.failures[str(node)] = f"rejected: {err}"
@@ -123,7 +166,10 @@ class PlainAggregation(Aggregation):
                 np.average([r.train_loss for r in accepted], weights=weights)
             )
         if len(accepted) >= request.min_sites:
-            outcome.mean_delta = weighted_mean(
-                [r.delta for r in accepted], [r.num_examples for r in accepted]
+            outcome.mean_delta = slot_weighted_mean(
+                [r.delta for r in accepted],
+                [r.num_examples for r in accepted],
+                ranks,
+                request.trained,
             )
         return outcome

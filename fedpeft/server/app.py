@@ -6,6 +6,13 @@ asks sites to evaluate the new adapter on their held-out data, and writes the ru
 directory (metrics, PEFT adapter, checkpoint). Sites that fail or send bad updates are
 logged and recorded; the round goes on without them.
 
+A federation has an id of its own, made at its first start and kept in ``federation.json``
+and every checkpoint; it travels with every train instruction and is the key sites charge
+their privacy ledgers under. A restarted ServerApp (run config ``resume-from``) reloads the
+latest checkpoint (global adapter, strategy, sampling RNG, privacy report) and goes on with
+the next round under the same id, so a round that was under way at the crash is trained
+again from the same checkpoint and charged once.
+
 The loop is fedpeft's own rather than ``flwr.serverapp.strategy.Strategy.start`` because
 a round here has more exchanges than one train and one evaluate (secure aggregation)
 and must checkpoint after every round; it uses Flower's ``Grid`` for all messaging.
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -27,9 +35,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import constants as K
-from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
+from fedpeft.config import (
+    ConfigError,
+    FedPeftConfig,
+    as_dict,
+    from_yaml,
+    read_run_config,
+    to_yaml,
+)
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
 from fedpeft.server.aggregation import Aggregation, PlainAggregation, RoundRequest
+from fedpeft.server.exchange import PollingGrid
 from fedpeft.server.privacy_report import PrivacyReport
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import Checkpoint, RunDir
@@ -39,6 +55,7 @@ from fedpeft.server.strategies import Strategy, make_strategy
 logger = logging.getLogger(__name__)
 
 NODE_WAIT_POLL_S = 1.0
+FEDERATION_FILE = "federation.json"  # the federation's id, written at its first start
 
 
 class FederationAborted(RuntimeError):
@@ -103,6 +120,7 @@ class Federation:
         )
         self.privacy = PrivacyReport(config)
         self.next_round = 1
+        self.federation_id = uuid.uuid4().hex
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, round_number: int) -> None:
@@ -110,8 +128,60 @@ class Federation:
             "strategy": self.strategy.state_dict(),
             "rng": self.rng.bit_generator.state,
             "privacy": self.privacy.state_dict(),
+            "federation_id": self.federation_id,
         }
         self.run_dir.save_checkpoint(Checkpoint(round_number, self.global_flat, state))
+
+    def resume(self) -> None:
+        """Continue the federation of ``run_dir`` after its latest checkpoint.
+
+        Raises
+        ------
+        ConfigError
+            If ``run_dir`` is not a fedpeft run directory, or this configuration differs from
+            the one the federation started with (sites would calibrate and train differently).
+        """
+        where = self.run_dir.path
+        stored = self.run_dir.read_json(FEDERATION_FILE)
+        config_file = where / "config.yaml"
+        if stored is None or not config_file.is_file():
+            raise ConfigError(
+                f"resume-from={str(where)!r} is not a fedpeft run directory (it lacks "
+                f"{FEDERATION_FILE} or config.yaml); give the folder the first run wrote, or "
+                "leave resume-from empty to start a new federation"
+            )
+        differences = config_differences(
+            from_yaml(config_file.read_text(encoding="utf-8")), self.config
+        )
+        if differences:
+            raise ConfigError(
+                f"cannot resume {where}: the configuration differs from the one it started "
+                f"with ({'; '.join(differences)}); resubmit with the same overrides as the "
+                "first run (its config.yaml shows them)"
+            )
+        self.federation_id = str(stored["federation_id"])
+        checkpoint = self.run_dir.latest_checkpoint()
+        if checkpoint is None:
+            logger.info("resuming %s: no finished round, starting at round 1", where)
+            return
+        if checkpoint.global_flat.shape != self.global_flat.shape:
+            raise ConfigError(
+                f"checkpoint of round {checkpoint.round} in {where} holds "
+                f"{checkpoint.global_flat.size} adapter floats, this model has "
+                f"{self.global_flat.size}; resume with the model and LoRA settings of that run"
+            )
+        if checkpoint.state.get("federation_id", self.federation_id) != self.federation_id:
+            raise ConfigError(
+                f"checkpoint of round {checkpoint.round} in {where} belongs to federation "
+                f"{checkpoint.state['federation_id']}, {FEDERATION_FILE} names "
+                f"{self.federation_id}; the folder mixes two runs, start a new one"
+            )
+        self.global_flat = checkpoint.global_flat
+        self.strategy.load_state_dict(checkpoint.state["strategy"])
+        self.rng.bit_generator.state = checkpoint.state["rng"]
+        self.privacy.load_state_dict(checkpoint.state["privacy"])
+        self.next_round = checkpoint.round + 1
+        logger.info("resuming %s after round %d", where, checkpoint.round)
 
     def write_adapter(self) -> None:
         tmp = self.run_dir.adapter_writer()
@@ -128,6 +198,7 @@ class Federation:
             trained=self.strategy.trained_layout(),
             min_sites=fed.min_sites,
             timeout=fed.round_timeout,
+            federation_id=self.federation_id,
         )
         outcome = self.aggregation.run_round(self.grid, request)
         updated = outcome.mean_delta is not None
@@ -207,6 +278,7 @@ class Federation:
     def run(self) -> list[dict[str, Any]]:
         config, fed = self.config, self.config.federation
         self.run_dir.write_config(to_yaml(config))
+        self.run_dir.write_json(FEDERATION_FILE, {"federation_id": self.federation_id})
         self.progress.start(
             rounds=fed.rounds,
             sites=fed.num_sites,
@@ -243,11 +315,47 @@ class Federation:
         return self.run_dir.read_metrics()
 
 
+def config_differences(stored: FedPeftConfig, current: FedPeftConfig) -> list[str]:
+    """``key: stored -> current`` for every setting that differs, ``output_dir`` aside."""
+    old, new = _flat(as_dict(stored)), _flat(as_dict(current))
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key != "output_dir" and old.get(key) != new.get(key)
+    ]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def run_federation(
-    grid: Grid, config: FedPeftConfig, *, run_dir: str | Path, progress: Progress | None = None
+    grid: Grid,
+    config: FedPeftConfig,
+    *,
+    run_dir: str | Path,
+    progress: Progress | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every round of a federation and return the rows of ``metrics.jsonl``."""
+    """Run every round of a federation and return the rows of ``metrics.jsonl``.
+
+    With ``resume`` the federation whose files are in ``run_dir`` continues after its last
+    finished round (see :meth:`Federation.resume`).
+    """
+    if resume and not Path(run_dir).is_dir():
+        raise ConfigError(
+            f"resume-from={str(run_dir)!r} does not exist; give the run directory of the "
+            "federation to continue, or leave resume-from empty to start a new one"
+        )
     federation = Federation(grid, config, RunDir(run_dir), progress or Progress())
+    if resume:
+        federation.resume()
     return federation.run()
 
 
@@ -262,10 +370,21 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        resolved = config if config is not None else from_run_config(context.run_config)
-        out = Path(run_dir) if run_dir is not None else default_run_dir(resolved)
+        resume_from = None
+        if config is not None:
+            resolved = config
+        else:
+            settings = read_run_config(context.run_config)
+            resolved, resume_from = settings.config, settings.resume_from
+        if resume_from is not None:
+            out = Path(resume_from)
+        else:
+            out = Path(run_dir) if run_dir is not None else default_run_dir(resolved)
         logger.info("fedpeft config: %s", as_dict(resolved))
-        run_federation(grid, resolved, run_dir=out, progress=progress)
+        # Flower's deployed grid waits 3 s between pulls; PollingGrid polls every 0.1 s.
+        run_federation(
+            PollingGrid(grid), resolved, run_dir=out, progress=progress, resume=bool(resume_from)
+        )
 
     return server_app
 

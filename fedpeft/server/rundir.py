@@ -75,6 +75,16 @@ class RunDir:
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         _atomic_write_text(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """The object in ``name`` (written by :meth:`write_json`), or None if there is none."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} holds {type(payload).__name__}, not a JSON object")
+        return payload
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one round's figures; rewritten whole so a crash never leaves half a line."""
         rows = self.read_metrics()

@@ -23,6 +23,14 @@ learns a site's example count from its update (sites do not report it under secu
 :class:`~fedpeft.server.aggregation.PlainAggregation` weighs by example count). The train loss
 of the round is likewise the plain mean of the included sites' losses.
 
+**Mixed LoRA ranks** (``secagg.mixed_ranks``): every masked vector ends with ``lora.r``
+rank-slot indicators, exactly 0.0 or 1.0 (a site of rank ``r_i`` sends 1 for slots ``< r_i``,
+:func:`fedpeft.ranks.rank_indicator`). They lie within the clip range (``clip_range >= 1`` is
+required), so the secure sum carries each slot's site count next to the sum of the zero-padded
+deltas; the counts are rounded to integers (quantisation error < 1e-6) and each rank slot is
+divided by its own count, :func:`fedpeft.ranks.slot_mean`. A slot no site trained gets a zero
+mean delta. The server learns the per-slot counts, not which site trained which rank.
+
 A missing reply means the site dropped; an error reply or a reply the protocol rejects
 (malformed, wrong length or dtype, wrong round, duplicate) counts as dropped too and is recorded
 in ``RoundOutcome.failures`` with the reason. SecAgg+ recovers from drops at every stage while at
@@ -50,6 +58,7 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from numpy.typing import NDArray
 
 from fedpeft import constants as K
 from fedpeft.config import SecAggConfig
@@ -64,6 +73,7 @@ from fedpeft.privacy.secagg import (
     UnmaskShares,
 )
 from fedpeft.privacy.secagg_wire import decode, encode
+from fedpeft.ranks import layout_rank, slot_mean
 from fedpeft.server.aggregation import (
     Aggregation,
     RoundOutcome,
@@ -198,6 +208,11 @@ def _config_problems(config: SecAggConfig) -> list[str]:
                 f"secagg.{name}={value!r} must be null (the SecAgg+ default for the number of "
                 "sampled sites) or an int >= 1"
             )
+    if config.mixed_ranks and not config.clip_range >= 1.0:
+        problems.append(
+            f"secagg.mixed_ranks=true with secagg.clip_range={config.clip_range!r}: the 0/1 "
+            "rank-slot indicators need clip_range >= 1; set secagg.clip_range=1.0"
+        )
     if not config.stage_timeout > 0:
         problems.append(f"secagg.stage_timeout={config.stage_timeout!r} must be > 0 seconds")
     return problems
@@ -236,11 +251,13 @@ class SecureAggregation(Aggregation):
     def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
         """Run the four SecAgg+ stages of one round; return the uniform mean delta."""
         nodes = [int(n) for n in request.nodes]
+        # With mixed ranks each vector ends with one 0/1 indicator per LoRA rank slot.
+        slots = layout_rank(request.trained) if self.config.mixed_ranks else 0
         try:
             server = SecAggServer(
                 round_id=self.round_id(request.round_number),
                 node_ids=nodes,
-                vector_length=request.trained.size,
+                vector_length=request.trained.size + slots,
                 clip=float(self.config.clip_range),
                 num_neighbours=self.config.num_neighbours,
                 threshold=self.config.threshold,
@@ -292,9 +309,28 @@ class SecureAggregation(Aggregation):
                 count,
                 request.min_sites,
             )
+        elif slots:
+            outcome.mean_delta = _slot_mean(result.total, count, request, slots)
         else:
             outcome.mean_delta = (result.total / count).astype(np.float32)
         return outcome
+
+
+def _slot_mean(
+    total: NDArray[np.float64], count: int, request: RoundRequest, slots: int
+) -> NDArray[np.float32] | None:
+    """The per-slot uniform mean from a secure sum that ends with ``slots`` indicator sums."""
+    size = request.trained.size
+    counts = np.rint(total[size:])  # sums of exact 0/1 indicators, off by quantisation only
+    if total.shape != (size + slots,) or not ((counts >= 0) & (counts <= count)).all():
+        logger.warning(
+            "round %d: rank-slot counts %s are not in [0, %d]; sum discarded",
+            request.round_number,
+            counts.tolist(),
+            count,
+        )
+        return None
+    return slot_mean(total[:size], slot_weights=counts, total_weight=count, layout=request.trained)
 
 
 def _train_records(request: RoundRequest) -> dict[str, Any]:

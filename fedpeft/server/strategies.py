@@ -207,6 +207,10 @@ class FedSVD(FFALoRA):
     ``A' = Vᵀ[:r]`` (orthonormal rows) and ``B' = U[:, :r]·S[:r]``; ``B'·A' = B·A``, so the
     model is unchanged, but the next round trains B in a subspace that follows the data.
     Post-processing of the aggregate: differential privacy is unaffected.
+
+    With mixed ranks (:mod:`fedpeft.ranks`) the rows of ``A'`` are ordered by singular value,
+    so a site of rank ``r_i < r``, which trains the leading block ``B[:, :r_i]`` against
+    ``A'[:r_i]``, trains the ``r_i`` most important directions of the current ``ΔW``.
     """
 
     def apply(self, global_flat: FloatArray, mean_delta: FloatArray) -> FloatArray:

@@ -1,0 +1,400 @@
+"""Test accuracy of federated LoRA strategies, with and without DP, between a ceiling and a floor.
+
+One dataset is split once into a pooled held-out set and a training pool; the pool is split
+into ``--sites`` non-IID sites (Dirichlet over labels, ``--alpha``). Every configuration trains
+for the same ``--rounds`` rounds of ``--steps`` local steps and is evaluated on the same pooled
+held-out set:
+
+- ceiling: centralised non-private LoRA, one site holding the whole training pool and taking
+  ``--steps × --sites`` steps per round (the federation's total number of steps);
+- floor: each site training alone (a federation of one) for the same rounds and steps; the
+  mean of their accuracies;
+- fedavg, ffa, fedsvd without DP and with DP-SGD at every site at each ε of ``--epsilons``
+  (δ = 1/(10·N) per site, the calibrated noise spending the whole ε over the run).
+
+Federations run on the in-process grid (:mod:`fedpeft.testing`): the real ClientApp and server
+round loop, without Ray. Sites read their partition from a JSONL file, like a real site, and
+keep a single example as their own held-out split (sites do not evaluate here, the pooled set
+does).
+
+Usage::
+
+    python benchmarks/quality.py            # embedded MiniLM + Rotten Tomatoes, 10 sites
+    python benchmarks/quality.py --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
+
+Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
+with the ceiling and the floor), prints a table, and one line per finished configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from fedpeft import constants as K
+from fedpeft.client.app import make_client_app
+from fedpeft.client.train import evaluate_local
+from fedpeft.config import FedPeftConfig, compose_config
+from fedpeft.data import load_dataset, partition_dataset, split_site, tokenize
+from fedpeft.server.app import Federation
+from fedpeft.server.progress import Progress
+from fedpeft.server.rundir import RunDir
+from fedpeft.testing import InProcessGrid
+
+DEFAULT_OUT = Path(__file__).parent / "results"
+STRATEGIES = ("fedavg", "ffa", "fedsvd")
+NO_DP = "no_dp"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every configuration of one benchmark run shares."""
+
+    overrides: tuple[str, ...]  # Hydra overrides of the model, data and training
+    sites: int
+    rounds: int
+    steps: int
+    alpha: float
+    epsilons: tuple[float, ...]
+    strategies: tuple[str, ...]
+    eval_examples: int
+    secagg: bool
+    quick: bool
+
+
+def setting_from_args(args: argparse.Namespace) -> Setting:
+    quick = bool(args.quick)
+    # quick: one torch thread, faster than several for a tiny model on a shared machine
+    overrides = ["model=tiny_bert", "data.max_examples=600", "train.num_threads=1"] if quick else []
+    if args.max_examples is not None:
+        overrides.append(f"data.max_examples={args.max_examples}")
+    overrides.append(f"privacy.accountant={args.accountant or ('rdp' if quick else 'prv')}")
+    return Setting(
+        overrides=tuple(overrides),
+        sites=args.sites or (3 if quick else 10),
+        rounds=args.rounds or (2 if quick else 5),
+        steps=args.steps or (3 if quick else 10),
+        alpha=args.alpha,
+        epsilons=tuple(args.epsilons or ([8.0] if quick else [1.0, 3.0, 8.0])),
+        strategies=tuple(args.strategies),
+        eval_examples=args.eval_examples or (120 if quick else 2000),
+        secagg=bool(args.secagg),
+        quick=quick,
+    )
+
+
+def compose(setting: Setting, *extra: str) -> FedPeftConfig:
+    """The configuration of one run: the setting, sites reading files, no site evaluation."""
+    return compose_config(
+        [
+            *setting.overrides,
+            "data.dataset=file",
+            "data.path=unused.jsonl",  # each site reads its own file (node config data-path)
+            "data.test_fraction=0.001",  # a site keeps one example as its (unused) held-out set
+            f"federation.rounds={setting.rounds}",
+            "federation.fraction_evaluate=0",  # the pooled held-out set is evaluated instead
+            *extra,
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The pooled held-out set and the sites' training files."""
+
+    dataset: str
+    test_table: Any  # datasets.Dataset
+    site_files: list[Path]
+    pool_file: Path
+    site_sizes: list[int]
+
+
+def make_pool(setting: Setting, folder: Path) -> Pool:
+    """Split the dataset once: pooled held-out set, training pool, Dirichlet sites (JSONL)."""
+    base = compose_config(
+        [
+            *setting.overrides,
+            f"federation.num_sites={setting.sites}",
+            "federation.partition=dirichlet",
+            f"federation.alpha={setting.alpha}",
+            "federation.min_sites=1",
+        ]
+    )
+    task, columns = base.model.task, [base.data.text_column, base.data.label_column]
+    table = load_dataset(base.data, task, seed=base.seed).select_columns(columns)
+    train, test = split_site(
+        table,
+        test_fraction=base.data.test_fraction,
+        max_test=setting.eval_examples,
+        seed=base.seed,
+        source="the pooled dataset",
+    )
+    partitioner = partition_dataset(train, base.federation, base.data, task, seed=base.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pool_file = folder / "pool.jsonl"
+    train.to_json(str(pool_file), lines=True)
+    site_files, sizes = [], []
+    for site in range(setting.sites):
+        part = partitioner.load_partition(site)
+        path = folder / f"site{site}.jsonl"
+        part.to_json(str(path), lines=True)
+        site_files.append(path)
+        sizes.append(len(part))
+    return Pool(
+        dataset=base.data.dataset,
+        test_table=test,
+        site_files=site_files,
+        pool_file=pool_file,
+        site_sizes=sizes,
+    )
+
+
+def run_federation(
+    config: FedPeftConfig, files: Sequence[Path], folder: Path, pool: Pool
+) -> dict[str, Any]:
+    """Run one federation of ``files`` (one site each); evaluate on the pooled held-out set."""
+    node_configs: dict[int, dict[str, Any]] = {
+        i + 1: {K.NODE_DATA_PATH: str(path), K.NODE_LEDGER_PATH: str(folder / f"ledger{i}.json")}
+        for i, path in enumerate(files)
+    }
+    grid = InProcessGrid(make_client_app(config), node_configs)
+    federation = Federation(grid, config, RunDir(folder / "run"), Progress(stream=io.StringIO()))
+    start = time.perf_counter()
+    rows = federation.run()
+    seconds = time.perf_counter() - start
+    loaded = federation.loaded
+    test = tokenize(
+        pool.test_table,
+        loaded.tokenizer,
+        config=config.data,
+        task=config.model.task,
+        max_length=config.model.max_length,
+    )
+    result = evaluate_local(
+        loaded,
+        test,
+        global_flat=federation.global_flat,
+        batch_size=config.train.eval_batch_size,
+        device=torch.device("cpu"),
+    )
+    epsilons = [e for r in rows[-1:] for e in r["epsilon"].values()]
+    return {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "epsilon_spent": max(epsilons) if epsilons else None,
+        "rounds_updated": sum(bool(r["updated"]) for r in rows),
+        "seconds": seconds,
+    }
+
+
+def configurations(setting: Setting, pool: Pool) -> list[tuple[str, dict[str, Any]]]:
+    """Every configuration: name → how to run it (kind, strategy, ε, overrides, site files)."""
+    alone = ["federation.num_sites=1", "federation.min_sites=1", "strategy=fedavg"]
+    out: list[tuple[str, dict[str, Any]]] = [
+        (
+            "ceiling",
+            {
+                "kind": "ceiling",
+                "strategy": "fedavg",
+                "epsilon": None,
+                "overrides": [*alone, f"train.local_steps={setting.steps * setting.sites}"],
+                "files": [pool.pool_file],
+            },
+        )
+    ]
+    for site, path in enumerate(pool.site_files):
+        out.append(
+            (
+                f"alone-site{site}",
+                {
+                    "kind": "floor",
+                    "strategy": "fedavg",
+                    "epsilon": None,
+                    "overrides": [*alone, f"train.local_steps={setting.steps}"],
+                    "files": [path],
+                },
+            )
+        )
+    federated = [
+        f"federation.num_sites={setting.sites}",
+        f"federation.min_sites={min(2, setting.sites)}",
+        f"train.local_steps={setting.steps}",
+        f"secagg.enabled={str(setting.secagg).lower()}",
+    ]
+    for strategy in setting.strategies:
+        for epsilon in (None, *setting.epsilons):
+            privacy = (
+                ["privacy.enabled=false"]
+                if epsilon is None
+                else ["privacy.enabled=true", f"privacy.epsilon={epsilon}"]
+            )
+            name = f"{strategy}-{NO_DP if epsilon is None else f'eps{epsilon:g}'}"
+            out.append(
+                (
+                    name,
+                    {
+                        "kind": "federated",
+                        "strategy": strategy,
+                        "epsilon": epsilon,
+                        "overrides": [*federated, f"strategy={strategy}", *privacy],
+                        "files": pool.site_files,
+                    },
+                )
+            )
+    return out
+
+
+def run(setting: Setting, *, work: Path) -> dict[str, Any]:
+    pool = make_pool(setting, work / "data")
+    plan = configurations(setting, pool)
+    runs: dict[str, dict[str, Any]] = {}
+    for index, (name, spec) in enumerate(plan, start=1):
+        config = compose(setting, *spec["overrides"])
+        result = run_federation(config, spec["files"], work / name, pool)
+        runs[name] = {
+            "kind": spec["kind"],
+            "strategy": spec["strategy"],
+            "epsilon_target": spec["epsilon"],
+            **result,
+        }
+        spent = result["epsilon_spent"]
+        privacy = f" ε spent {spent:.2f}" if spent is not None else ""
+        print(
+            f"[{index:>2}/{len(plan)}] {name:<16} accuracy {result['accuracy']:.3f} "
+            f"loss {result['loss']:.3f}{privacy} ({result['seconds']:.1f} s)",
+            flush=True,
+        )
+    config = compose(setting)
+    floor = [r["accuracy"] for r in runs.values() if r["kind"] == "floor"]
+    accuracy = {
+        strategy: {
+            (NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"): r["accuracy"]
+            for r in runs.values()
+            if r["kind"] == "federated" and r["strategy"] == strategy
+        }
+        for strategy in setting.strategies
+    }
+    return {
+        "benchmark": "quality",
+        "setting": {
+            "quick": setting.quick,
+            "model": config.model.loader,
+            "dataset": pool.dataset,
+            "sites": setting.sites,
+            "partition": "dirichlet",
+            "alpha": setting.alpha,
+            "rounds": setting.rounds,
+            "local_steps": setting.steps,
+            "batch_size": config.train.batch_size,
+            "lr": config.train.lr,
+            "lora_r": config.lora.r,
+            "epsilons": list(setting.epsilons),
+            "delta": "1/(10·N) per site",
+            "accountant": config.privacy.accountant,
+            "secagg": setting.secagg,
+            "train_examples": sum(pool.site_sizes),
+            "site_sizes": pool.site_sizes,
+            "test_examples": len(pool.test_table),
+        },
+        "ceiling": runs["ceiling"]["accuracy"],
+        "floor": float(np.mean(floor)),
+        "floor_per_site": floor,
+        "accuracy": accuracy,
+        "runs": runs,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    """Accuracy per strategy and ε, with the ceiling and the floor."""
+    columns = [f"{e:g}" for e in report["setting"]["epsilons"]] + [NO_DP]
+    header = f"{'strategy':<10}" + "".join(
+        f"{('ε=' + c) if c != NO_DP else 'no DP':>9}" for c in columns
+    )
+    lines = [header, "-" * len(header)]
+    for strategy, by_eps in report["accuracy"].items():
+        lines.append(f"{strategy:<10}" + "".join(f"{by_eps[c]:>9.3f}" for c in columns))
+    lines.append(f"{'ceiling':<10}{report['ceiling']:>9.3f}  (centralised, non-private)")
+    lines.append(f"{'floor':<10}{report['floor']:>9.3f}  (mean of sites training alone)")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Accuracy vs ε per strategy (no DP at the right), ceiling and floor as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [f"{e:g}" for e in report["setting"]["epsilons"]] + [NO_DP]
+    labels = [f"ε={c}" for c in columns[:-1]] + ["no DP"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy, by_eps in report["accuracy"].items():
+        ax.plot(range(len(columns)), [by_eps[c] for c in columns], marker="o", label=strategy)
+    ax.axhline(report["ceiling"], color="black", linestyle="--", label="ceiling (centralised)")
+    ax.axhline(report["floor"], color="grey", linestyle=":", label="floor (site alone)")
+    ax.set_xticks(range(len(columns)), labels)
+    ax.set_xlabel("privacy budget per site")
+    ax.set_ylabel("test accuracy (pooled held-out set)")
+    s = report["setting"]
+    ax.set_title(
+        f"{s['model']} on {s['dataset']}: {s['sites']} sites, Dirichlet α={s['alpha']:g}, "
+        f"{s['rounds']} rounds",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 3 sites, 2 rounds, one ε")
+    parser.add_argument("--sites", type=int, help="number of sites (default 10; quick 3)")
+    parser.add_argument("--rounds", type=int, help="federation rounds (default 5; quick 2)")
+    parser.add_argument("--steps", type=int, help="local steps per round (default 10; quick 3)")
+    parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet α (default 0.3)")
+    parser.add_argument("--epsilons", type=float, nargs="+", help="ε targets (default 1 3 8)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--eval-examples", type=int, help="pooled held-out size (default 2000)")
+    parser.add_argument("--max-examples", type=int, help="cap on the dataset before splitting")
+    parser.add_argument("--accountant", choices=("prv", "rdp"), help="default prv; quick rdp")
+    parser.add_argument("--secagg", action="store_true", help="federations use SecAgg+")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON and PNG")
+    args = parser.parse_args(argv)
+    setting = setting_from_args(args)
+    datasets.disable_progress_bars()  # one line per configuration is the progress display
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedpeft-quality-") as work, warnings.catch_warnings():
+        # Opacus's notes on torch's RNG, hooks and RDP orders, repeated by every DP round
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        # transformers' deprecation note, raised inside peft's save_pretrained every round
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        report = run(setting, work=Path(work))
+    json_path, png_path = args.out / "quality.json", args.out / "quality.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, png_path)
+    print(table(report))
+    print(f"written to {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

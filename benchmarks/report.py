@@ -1,0 +1,598 @@
+"""``benchmarks/README.md`` and its plots, regenerated from the results JSON files.
+
+Used by ``benchmarks/run.py`` after a run (or with ``--report-only``). Each section appears
+only when its JSON file is there; figures are read, never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+INTRO = """\
+# Benchmarks
+
+Measured comparisons for fedpeft, each a script in this folder that writes a JSON file (and
+sometimes a plot) to `results/`. `make bench` runs the default set and regenerates this page
+(`python benchmarks/run.py`; `--full` for the long versions plus the quality sweep, `--quick`
+for smoke settings, `--report-only` to rebuild this page from the JSON already there).
+Variants that are compared run side by side in one process or interleaved, so a busy machine
+slows them alike; the ratios are the figures to read, the absolute times depend on the machine.
+"""
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _yes(flag: Any) -> str:
+    return "not measured" if flag is None else "met" if flag else "missed"
+
+
+def _row(rows: list[dict[str, Any]], sites: int, length: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["sites"] == sites and r["vector_length"] == length), None)
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_secagg(report: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    rows = report["in_process"]
+    sizes = sorted({r["vector_length"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [
+        ("client_total_s", "client time per site, all stages (s)"),
+        ("server_unmask_s", "server unmasking time (s)"),
+    ]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for size, colour in zip(sizes, ("tab:blue", "tab:orange", "tab:green"), strict=False):
+            sub = sorted((r for r in rows if r["vector_length"] == size), key=lambda r: r["sites"])
+            n = [r["sites"] for r in sub]
+            ax.plot(
+                n, [r["ours"][key] for r in sub], "-o", color=colour, label=f"fedpeft L={size:,}"
+            )
+            ax.plot(
+                n, [r["flower"][key] for r in sub], "--s", color=colour, label=f"Flower L={size:,}"
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(
+            sorted({r["sites"] for r in rows}), [str(s) for s in sorted({r["sites"] for r in rows})]
+        )
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("sites in the round (n)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        "SecAgg+ cost: fedpeft (solid) vs Flower 1.41 (dashed), same n, k, t, vectors", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scale(report: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    rows = report["results"]
+    sites = [r["sites"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(sites, [r["peak_rss_mb"] for r in rows], "-o", label="peak RSS, all processes")
+    axes[0].plot(sites, [r["peak_pss_mb"] for r in rows], "-s", label="peak PSS, all processes")
+    axes[0].plot(sites, [r["peak_driver_rss_mb"] for r in rows], "-^", label="peak RSS, driver")
+    axes[0].set_ylabel("MB")
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_title("memory of the simulation", fontsize=10)
+    axes[0].legend(fontsize=8)
+    axes[1].plot(
+        sites, [r["median_seconds_per_round"] for r in rows], "-o", label="median, rounds 2..R"
+    )
+    for r in rows:
+        axes[1].scatter(
+            [r["sites"]] * len(r["seconds_per_round"]), r["seconds_per_round"], s=10, color="grey"
+        )
+    axes[1].set_ylabel("seconds per round")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set_title(f"{report['sampled_per_round']} sites sampled per round", fontsize=10)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(sites, [str(s) for s in sites])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("virtual sites in the federation")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def section_secagg(report: dict[str, Any], img: str | None) -> list[str]:
+    rows = report["in_process"]
+    out = ["## Secure aggregation: fedpeft vs Flower's SecAgg+ (`secagg_vs_flower.py`)", ""]
+    out.append(
+        "One SecAgg+ round with every node in one process, no drop-outs, the same `n`, "
+        "neighbours `k`, threshold `t`, clipping range and float32 vectors for both; Flower "
+        f"{report.get('flwr', '')} is driven through its own client stage functions "
+        "(`secaggplus_mod`) and its workflow's server steps. Client time covers all four stages "
+        "per site; bytes are protocol payloads (no transport framing)."
+    )
+    out.append("")
+    table = []
+    for r in rows:
+        o, f = r["ours"], r["flower"]
+        table.append(
+            [
+                str(r["sites"]),
+                f"{r['vector_length']:,}",
+                f"{r['num_neighbours']}/{r['threshold']}",
+                _ms(o["client_total_s"]),
+                _ms(f["client_total_s"]),
+                f"{r['flower_over_ours']['client_total_s']:.1f}×",
+                _ms(o["server_unmask_s"]),
+                _ms(f["server_unmask_s"]),
+                f"{r['flower_over_ours']['server_unmask_s']:.1f}×",
+                f"{o['upload_vs_plain']:.3f}× / {f['upload_vs_plain']:.3f}×",
+                f"{o['masked_vector_dtype']} / {f['masked_vector_dtype']}",
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "n",
+                "L",
+                "k/t",
+                "client, fedpeft",
+                "client, Flower",
+                "Flower ÷ fedpeft",
+                "unmask, fedpeft",
+                "unmask, Flower",
+                "Flower ÷ fedpeft",
+                "upload ÷ plain fp32 (fedpeft / Flower)",
+                "masked dtype",
+            ],
+            table,
+        )
+    )
+    out.append("")
+    if img:
+        out += [f"![SecAgg+ cost vs n]({img})", ""]
+    sim = report.get("simulation", {})
+    med = sim.get("median_seconds_per_round", {})
+    if med:
+        out.append(
+            f"Whole rounds in Flower's simulation engine: {sim['sites']} sites, adapter "
+            f"{sim['adapter_floats']:,} floats (`{' '.join(sim['model_overrides'])}`), rounds "
+            f"{sim['timed_rounds']} timed from `metrics.jsonl` (train + evaluate exchanges), one "
+            "torch thread per site, each variant in its own process."
+        )
+        out.append("")
+        table = []
+        for name, label in (
+            ("ours_plain", "fedpeft, plain"),
+            ("ours_secure", "fedpeft, secagg.enabled=true"),
+            ("flower_plain", "Flower legacy FedAvg (no training)"),
+            ("flower_secure", "Flower legacy SecAgg+ workflow (no training)"),
+        ):
+            if name in med:
+                base = med.get(name.replace("secure", "plain"))
+                table.append(
+                    [
+                        label,
+                        f"{med[name]:.2f}",
+                        f"{med[name] / base:.2f}×" if base else "",
+                        f"{med[name] - base:+.2f} s" if base and name.endswith("secure") else "",
+                    ]
+                )
+        out.append(_table(["variant", "s / round", "÷ plain", "added"], table))
+        out.append("")
+        if "flower_note" in sim:
+            out += [f"Flower's rows: {sim['flower_note']}.", ""]
+    for name, err in sim.get("errors", {}).items():
+        out += [f"`{name}` failed: `{err.splitlines()[0] if err else ''}`", ""]
+    return out
+
+
+def section_targets(report: dict[str, Any]) -> list[str]:
+    t = report["targets"]
+    b, c, f, s = (
+        t["bytes_per_site_vs_plain"],
+        t["client_cost_vs_dp_round"],
+        t["faster_than_flower"],
+        t["simulated_round_vs_plain"],
+    )
+    dp = report.get("dp_round", {})
+    rows = [
+        [
+            "bytes per site ≤ 1.0× plain fp32 update (Flower: 2×)",
+            f"masked vector {b['ours_masked_vector']:.2f}× "
+            f"(Flower {b['flower_masked_vector']:.2f}×); whole upload ≤ "
+            f"{b['ours_upload_total_max']:.3f}× (Flower "
+            f"{b['flower_upload_total_max']:.3f}×)",
+            (_yes(b["met"]) + " for the masked vector; keys and shares add the rest")
+            if b["ours_upload_total_max"] > 1
+            else _yes(b["met"]),
+        ],
+        [
+            "client cost ≤ 5% of a local DP round",
+            f"{_ms(c['client_total_s'])} per site (n={c['sites']}, L={c['vector_length']:,}) vs "
+            f"{c['dp_round_s']:.1f} s DP round = {100 * c['fraction']:.2f}% "
+            f"({dp.get('source', '')})",
+            _yes(c["met"]),
+        ],
+        [
+            "simulated round ≤ 1.5× without secure aggregation",
+            f"{s['ratio']:.2f}×" if s["ratio"] is not None else "not measured",
+            _yes(s["met"]),
+        ],
+        [
+            "faster than Flower's SecAgg+ at equal n and size",
+            f"client ≥ {f['min_client_speedup']:.1f}×, server unmask ≥ "
+            f"{f['min_server_unmask_speedup']:.1f}× faster",
+            _yes(f["client_total_all"] and f["server_unmask_all"]),
+        ],
+    ]
+    return ["### Targets", "", _table(["target", "measured", ""], rows), ""]
+
+
+def section_communication(report: dict[str, Any]) -> list[str]:
+    out = ["## Communication per site per round (`communication.py`)", ""]
+    models = report["models"]
+    for name, info in models.items():
+        out.append(
+            f"- **{name}**: {info['description']}; {info['base_parameters']:,} base parameters "
+            f"({_size(4 * info['base_parameters'])} fp32), adapter "
+            f"{info['adapter_floats']:,} floats."
+        )
+    out += [
+        "",
+        "Down: the global adapter (whole layout, float32) in the train and the evaluate "
+        "instruction; up: the trained tensors' delta (or the uint32 masked vector). Secure rows "
+        "add the real SecAgg+ protocol payloads of a round of `n` sites. Percentages are of the "
+        "full model's fp32 bytes; FlowerTune reports ≈ "
+        f"{100 * report['flowertune_reference_fraction']:.2f}%.",
+        "",
+    ]
+    table = []
+    for r in report["rows"]:
+        table.append(
+            [
+                r["model"],
+                r["strategy"],
+                f"secure, n={r['sites']}" if r["secure"] else "plain",
+                f"{r['trained_floats']:,}",
+                f"{_size(r['up_bytes'])} ({100 * r['up_fraction']:.3f}%)",
+                f"{_size(r['down_bytes'])} ({100 * r['down_fraction']:.3f}%)",
+                f"+{_size(r['secagg_extra_up_bytes'])} / +{_size(r['secagg_extra_down_bytes'])}"
+                if r["secure"]
+                else "",
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "model",
+                "strategy",
+                "aggregation",
+                "floats up",
+                "up",
+                "down",
+                "SecAgg+ extra up / down",
+            ],
+            table,
+        )
+    )
+    return [*out, ""]
+
+
+def section_scale(report: dict[str, Any], img: str | None) -> list[str]:
+    out = ["## Scale: unsampled sites cost nothing (`scale.py`)", ""]
+    out.append(
+        f"`fedpeft simulate` with {report['model']}, {report['rows']:,} IID rows, "
+        f"{report['sampled_per_round']} sites sampled and evaluated per round; memory of the "
+        "driver and all Ray processes sampled every 0.25 s (RSS) and 2 s (PSS)."
+    )
+    out.append("")
+    table = [
+        [
+            f"{r['sites']:,}",
+            f"{r['sampled_per_round']}",
+            f"{r['median_seconds_per_round']:.2f}",
+            f"{r['round1_seconds']:.1f}",
+            f"{r['peak_rss_mb']:,.0f}",
+            f"{r['peak_pss_mb']:,.0f}",
+            f"{r['peak_driver_rss_mb']:,.0f}",
+            f"{r.get('driver_cpu_seconds', float('nan')):,.0f} / "
+            f"{r.get('all_cpu_seconds', float('nan')):,.0f}",
+            f"{r.get('process_seconds', float('nan')):,.0f}",
+        ]
+        for r in report["results"]
+    ]
+    out.append(
+        _table(
+            [
+                "sites",
+                "sampled",
+                "s / round (2..R)",
+                "round 1 s",
+                "peak RSS MB",
+                "peak PSS MB",
+                "driver RSS MB",
+                "CPU s, driver / all",
+                "wall s",
+            ],
+            table,
+        )
+    )
+    g = report["growth_first_to_last"]
+    out += [
+        "",
+        f"From {g['sites'][0]:,} to {g['sites'][1]:,} sites: peak RSS ×{g['peak_rss']:.2f}, "
+        f"peak PSS ×{g['peak_pss']:.2f}, seconds per round ×{g['seconds_per_round']:.2f}.",
+        "",
+    ]
+    first, last = report["results"][0], report["results"][-1]
+    if "driver_cpu_seconds" in first:
+        out += [
+            f"The driver's CPU time grows ({first['driver_cpu_seconds']:.0f} s → "
+            f"{last['driver_cpu_seconds']:.0f} s for the same work) with round 1's time: Flower's "
+            "simulation engine polls the message store for *every* node every 0.1 s "
+            "(`flwr/server/superlink/fleet/vce/vce_api.py`, `add_messages_to_queue`), and each "
+            "poll scans all stored messages (`InMemoryLinkState.get_message_ins`). That is "
+            "Flower's cost, outside fedpeft; fedpeft's per-site caches are bounded.",
+            "",
+        ]
+    if img:
+        out += [f"![memory and seconds per round vs sites]({img})", ""]
+    return out
+
+
+def section_dp(report: dict[str, Any]) -> list[str]:
+    out = ["## DP-SGD throughput (`dp_throughput.py`)", ""]
+    out.append(
+        f"{report['model']}, adapter {report['adapter_floats']:,} floats, batch "
+        f"{report['batch_size']}, {report['steps_per_round']} steps, {report['repeats']} "
+        "interleaved repeats (medians)."
+    )
+    out.append("")
+    table = [
+        [name, f"{rate:.1f}", f"{report['slowdown_vs_plain'][name]:.2f}×"]
+        for name, rate in report["samples_per_second"].items()
+    ]
+    return [*out, _table(["variant", "samples / s", "time ÷ plain"], table), ""]
+
+
+def section_primitives(report: dict[str, Any]) -> list[str]:
+    out = ["## fedpeft SecAgg+ with drop-outs (`secagg_primitives.py`)", ""]
+    table = [
+        [
+            str(r["sites"]),
+            f"{r['vector_length']:,}",
+            str(r["dropped_after_share_keys"]),
+            _ms(r["client_masking_s_mean"]),
+            _ms(r["server_unmasking_s"]),
+            f"{r['upload_bytes_per_site'] / r['plain_float32_update_bytes']:.3f}×",
+        ]
+        for r in report["results"]
+    ]
+    header = ["n", "L", "dropped", "client masking", "server unmasking", "upload ÷ plain"]
+    return [*out, _table(header, table), ""]
+
+
+def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list[str]:
+    out = ["## Quality (`quality.py`)", ""]
+    try:
+        s = report["setting"]
+        out.append(
+            f"{s['model']} on {s['dataset']}, {s['sites']} sites (Dirichlet α={s['alpha']}), "
+            f"{s['rounds']} rounds × {s['local_steps']} steps; pooled held-out accuracy."
+        )
+        out.append("")
+        columns = [f"{e:g}" for e in s["epsilons"]] + ["no_dp"]
+        table = [
+            [name, *[f"{by.get(c, float('nan')):.3f}" for c in columns]]
+            for name, by in report["accuracy"].items()
+        ]
+        table.append(
+            ["ceiling (centralised)", f"{report['ceiling']:.3f}", *[""] * (len(columns) - 1)]
+        )
+        table.append(["floor (site alone)", f"{report['floor']:.3f}", *[""] * (len(columns) - 1)])
+        out.append(
+            _table(["strategy", *[f"ε={c}" if c != "no_dp" else "no DP" for c in columns]], table)
+        )
+    except (KeyError, TypeError, ValueError):
+        out.append("See `results/quality.json`.")
+    png = results / "quality.png"
+    if png.is_file():
+        out += ["", f"![quality]({os.path.relpath(png, readme.parent)})"]
+    return [*out, ""]
+
+
+def headline(results: Path) -> list[str]:
+    rows: list[list[str]] = []
+    sec = _load(results, "secagg_vs_flower")
+    if sec:
+        inp = sec["in_process"]
+        for n, length in ((5, 75_000), (100, 1_000_000)):
+            r = _row(inp, n, length)
+            if r:
+                rows.append(
+                    [
+                        f"SecAgg+ client time per site, n={n}, L={length:,}",
+                        _ms(r["ours"]["client_total_s"]),
+                        _ms(r["flower"]["client_total_s"]),
+                        f"{r['flower_over_ours']['client_total_s']:.1f}× faster",
+                    ]
+                )
+                rows.append(
+                    [
+                        f"SecAgg+ server unmasking, n={n}, L={length:,}",
+                        _ms(r["ours"]["server_unmask_s"]),
+                        _ms(r["flower"]["server_unmask_s"]),
+                        f"{r['flower_over_ours']['server_unmask_s']:.1f}× faster",
+                    ]
+                )
+        b = sec["targets"]["bytes_per_site_vs_plain"]
+        rows.append(
+            [
+                "SecAgg+ upload per site ÷ plain fp32 update",
+                f"{b['ours_upload_total_max']:.3f}×",
+                f"{b['flower_upload_total_max']:.3f}×",
+                "uint32 vs int64 masked vectors",
+            ]
+        )
+        sim = sec.get("simulation", {})
+        if "ours_secure_over_plain" in sim:
+            rows.append(
+                [
+                    f"simulated round, secure ÷ plain ({sim['sites']} sites, "
+                    f"{sim['adapter_floats']:,} floats)",
+                    f"{sim['ours_secure_over_plain']:.2f}× ({sim['ours_added_seconds']:+.2f} s)",
+                    f"{sim['flower_secure_over_plain']:.2f}× ({sim['flower_added_seconds']:+.2f} s)"
+                    if "flower_secure_over_plain" in sim
+                    else "not run",
+                    "Flower's clients do not train",
+                ]
+            )
+        c = sec["targets"]["client_cost_vs_dp_round"]
+        rows.append(
+            [
+                "SecAgg+ client cost ÷ one local DP round",
+                f"{100 * c['fraction']:.2f}%",
+                "",
+                f"DP round {c['dp_round_s']:.1f} s",
+            ]
+        )
+    com = _load(results, "communication")
+    if com:
+        for model, strategy in (("minilm", "fedavg"), ("smollm2_135m", "ffa")):
+            r = next(
+                (
+                    x
+                    for x in com["rows"]
+                    if x["model"] == model and x["strategy"] == strategy and not x["secure"]
+                ),
+                None,
+            )
+            if r:
+                rows.append(
+                    [
+                        f"upload per site per round, {model} {strategy} (% of full model)",
+                        f"{100 * r['up_fraction']:.3f}%",
+                        f"{100 * com['flowertune_reference_fraction']:.2f}% (FlowerTune)",
+                        f"down {100 * r['down_fraction']:.3f}%",
+                    ]
+                )
+    sca = _load(results, "scale")
+    if sca:
+        first, last = sca["results"][0], sca["results"][-1]
+        rows.append(
+            [
+                f"simulation, {first['sites']:,} → {last['sites']:,} sites (10 sampled)",
+                f"{first['median_seconds_per_round']:.2f} → {last['median_seconds_per_round']:.2f}"
+                " s/round",
+                f"{first['peak_pss_mb']:,.0f} → {last['peak_pss_mb']:,.0f} MB PSS",
+                f"×{sca['growth_first_to_last']['seconds_per_round']:.2f} time, "
+                f"×{sca['growth_first_to_last']['peak_pss']:.2f} memory",
+            ]
+        )
+    dp = _load(results, "dp_throughput")
+    if dp:
+        rows.append(
+            [
+                f"DP-SGD (hooks) time ÷ plain, {dp['model']}",
+                f"{dp['slowdown_vs_plain'].get('dp_hooks', float('nan')):.2f}×",
+                "",
+                f"ghost {dp['slowdown_vs_plain'].get('dp_ghost', float('nan')):.2f}×",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "## Headline figures",
+        "",
+        _table(["figure", "fedpeft", "Flower / reference", "note"], rows),
+        "",
+    ]
+
+
+def write_report(results: Path, readme: Path) -> list[Path]:
+    """Write ``readme`` and the plots in ``results``; returns the plots written."""
+    plots: list[Path] = []
+    rel = lambda p: os.path.relpath(p, readme.parent)  # noqa: E731
+    lines = [INTRO]
+    run = _load(results, "run")
+    if run:
+        took = ", ".join(f"{n} {b['seconds'] / 60:.1f} min" for n, b in run["benchmarks"].items())
+        lines += [
+            f"Last run: `{run['mode']}` set, {run['total_seconds'] / 60:.1f} min on "
+            f"{run['cpu_count']} cores ({run['when']}): {took}.",
+            "",
+        ]
+    lines += headline(results)
+    sec = _load(results, "secagg_vs_flower")
+    if sec:
+        img = None
+        if len({r["sites"] for r in sec["in_process"]}) > 1:
+            plots.append(plot_secagg(sec, results / "secagg_vs_flower.png"))
+            img = rel(plots[-1])
+        lines += section_secagg(sec, img)
+        lines += section_targets(sec)
+    com = _load(results, "communication")
+    if com:
+        lines += section_communication(com)
+    sca = _load(results, "scale")
+    if sca:
+        plots.append(plot_scale(sca, results / "scale.png"))
+        lines += section_scale(sca, rel(plots[-1]))
+    dp = _load(results, "dp_throughput")
+    if dp:
+        lines += section_dp(dp)
+    prim = _load(results, "secagg_primitives")
+    if prim:
+        lines += section_primitives(prim)
+    qual = _load(results, "quality")
+    if qual:
+        lines += section_quality(qual, results, readme)
+    readme.parent.mkdir(parents=True, exist_ok=True)
+    readme.write_text("\n".join(lines).rstrip() + "\n")
+    return plots

@@ -1,0 +1,180 @@
+"""A real deployment on loopback: SuperLink with TLS and SuperNode authentication, three sites.
+
+Each site is a ``flower-supernode`` process with its own CSV file and privacy ledger; the
+coordinator submits with ``flwr run``. See :mod:`tests.deploy.harness` for the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedpeft.config import from_yaml
+from fedpeft.deploy import make_certificates, make_site_keys
+from fedpeft.server.rundir import RunDir
+from tests.conftest import write_classification_csv
+from tests.deploy.harness import LoopbackDeployment, descendants
+
+pytestmark = pytest.mark.slow
+
+SITES = ("site-1", "site-2", "site-3")
+# Fast polls where Flower has a public setting for it (the SuperExec's task poll).
+ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+# The tiny DP experiment; one torch thread per site process (three sites share two cores);
+# no evaluation (each evaluate message costs every site one more fresh ClientApp process,
+# i.e. one more torch import; simulation tests cover evaluation); bounded waits, so a broken
+# run fails instead of hanging. data.path is each site's own (node config data-path); the
+# coordinator's value is never read.
+BASE = (
+    "experiment=tiny_private privacy.accountant=rdp data.path=/sites-own/data.csv "
+    "train.num_threads=1 federation.fraction_evaluate=0 federation.round_timeout=240 "
+    "secagg.stage_timeout=120"
+)
+
+
+def _data(root: Path) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    return [write_classification_csv(root / f"{n}.csv", n=64, seed=i) for i, n in enumerate(SITES)]
+
+
+def _start_sites(dep: LoopbackDeployment, root: Path) -> list[Any]:
+    dep.start_superlink()
+    sites = dep.make_sites(list(SITES), _data(root / "data"))
+    for site in sites:
+        dep.start_site(site, **{"privacy-epsilon-max": 8.0, "device": "auto"})
+    dep.wait_online(len(SITES), timeout=120)
+    return sites
+
+
+def _rounds_done(run_dir: Path) -> int:
+    checkpoint = RunDir(run_dir).latest_checkpoint() if run_dir.is_dir() else None
+    return 0 if checkpoint is None else checkpoint.round
+
+
+def _ledger(path: Path) -> list[dict[str, Any]]:
+    return list(json.loads(path.read_text())["entries"])
+
+
+def test_secure_private_federation_over_tls(tmp_path: Path) -> None:
+    with LoopbackDeployment(tmp_path, env=ENV) as dep:
+        sites = _start_sites(dep, tmp_path)
+        registered = set(dep.online_nodes())
+
+        # Three SuperNodes that must be refused, started beside the real federation.
+        rogue = make_site_keys(tmp_path / "rogue-keys", ["rogue"])[0]  # never registered
+        spare = make_site_keys(tmp_path / "spare-keys", ["spare"])[0]
+        dep.flwr("supernode", "register", str(spare.public_key))  # registered, wrong CA
+        other_ca = make_certificates(tmp_path / "other-ca")
+        refused = {
+            "unregistered": dep.start_supernode(
+                "unregistered", private_key=rogue.private_key, give_up_after=10
+            ),
+            "plaintext": dep.start_supernode("plaintext", insecure=True, give_up_after=10),
+            "wrong-ca": dep.start_supernode(
+                "wrong-ca",
+                private_key=spare.private_key,
+                root_certificates=other_ca.ca_cert,
+                give_up_after=10,
+            ),
+        }
+
+        run_dir = tmp_path / "run"
+        run_id = dep.submit(f"{BASE} secagg.enabled=true output_dir={run_dir}")
+
+        for name, proc in refused.items():
+            assert proc.wait(timeout=120) != 0, f"the {name} SuperNode was not refused"
+        superlink_log = dep.logs["superlink"].read_text(errors="replace")
+        assert "No SuperNode found with the given public key" in superlink_log
+        for name in refused:
+            assert (
+                "Failed to initialize the connection" in dep.logs[f"supernode-{name}"].read_text()
+            )
+
+        record = dep.wait_run(run_id, timeout=480, ready=lambda: _rounds_done(run_dir) == 2)
+        assert record["status"] == "finished:completed", dep.tail()
+        assert set(dep.online_nodes()) == registered  # no refused node ever joined
+
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["sites_sampled"] == row["sites_replied"] == 3 and row["sites_failed"] == 0
+        assert row["updated"] and row["secagg"] and np.isfinite(row["train_loss"])
+        assert sorted(row["epsilon"]) == sorted(str(n) for n in registered)
+    assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"] <= 8.0
+
+    checkpoint = RunDir(run_dir).latest_checkpoint()
+    assert checkpoint is not None and checkpoint.round == 2
+    tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    saved = np.concatenate([t.reshape(-1) for t in tensors.values()])
+    assert saved.size == checkpoint.global_flat.size and np.all(np.isfinite(saved))
+    config = from_yaml((run_dir / "config.yaml").read_text())
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == (
+        config.lora.r
+    )
+
+    federation_id = json.loads((run_dir / "federation.json").read_text())["federation_id"]
+    report = json.loads((run_dir / "privacy.json").read_text())
+    for site in sites:
+        entries = _ledger(site.ledger)
+        assert [(e["run_id"], e["round"]) for e in entries] == [
+            (federation_id, 1),
+            (federation_id, 2),
+        ]
+    assert all(s["epsilon"] <= 8.0 for s in report["sites"].values())
+
+
+def _serverapp_pids(dep: LoopbackDeployment) -> list[int]:
+    superlink = dep.processes[0].pid
+    found = []
+    for pid in descendants(superlink):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-serverapp" in cmdline:
+            found.append(pid)
+    return found
+
+
+def test_killed_serverapp_resumes_without_charging_a_round_twice(tmp_path: Path) -> None:
+    with LoopbackDeployment(tmp_path, env=ENV) as dep:
+        sites = _start_sites(dep, tmp_path)
+        run_dir = tmp_path / "run"
+        overrides = f"{BASE} output_dir={run_dir}"
+        first = dep.submit(overrides)
+
+        # Kill the ServerApp process as soon as round 1 is checkpointed.
+        deadline = time.monotonic() + 300
+        while _rounds_done(run_dir) < 1:
+            assert time.monotonic() < deadline, dep.tail()
+            time.sleep(0.5)
+        victims = _serverapp_pids(dep)
+        assert victims, dep.tail()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        assert dep.wait_run(first, timeout=120, ask_every=5)["status"] != "finished:completed"
+        done_before = [r["round"] for r in RunDir(run_dir).read_metrics()]
+        assert done_before in ([1], [1, 2])  # round 2 may have been written as it died
+
+        second = dep.submit(overrides, resume_from=str(run_dir))
+        record = dep.wait_run(second, timeout=300, ready=lambda: _rounds_done(run_dir) == 2)
+        assert record["status"] == "finished:completed", dep.tail()
+
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["sites_replied"] == 3 for r in rows)
+    federation_id = json.loads((run_dir / "federation.json").read_text())["federation_id"]
+    for site in sites:  # whatever round 2 was doing at the kill, it is charged once
+        entries = _ledger(site.ledger)
+        assert [(e["run_id"], e["round"]) for e in entries] == [
+            (federation_id, 1),
+            (federation_id, 2),
+        ]

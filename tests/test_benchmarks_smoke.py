@@ -1,0 +1,190 @@
+"""The benchmark scripts run on their tiny settings and write the JSON the README is built from.
+
+Each script runs as a user would run it (its own process, ``--quick``) into a temporary folder,
+never into ``benchmarks/results``. Only the shape of the results is checked, never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        f"{name} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+def load(path: Path) -> dict[str, Any]:
+    assert path.is_file(), f"{path} was not written"
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def check_secagg_row(row: dict[str, Any]) -> None:
+    assert {"sites", "vector_length", "num_neighbours", "threshold", "flower_over_ours"} <= set(row)
+    for name in ("ours", "flower"):
+        side = row[name]
+        for key in (
+            "client_masking_s",
+            "client_total_s",
+            "server_sum_s",
+            "server_unmask_s",
+            "upload_bytes_per_site",
+            "download_bytes_per_site",
+            "masked_vector_bytes",
+            "upload_vs_plain",
+        ):
+            assert side[key] > 0, (name, key)
+        # both decode to the plain mean within quantisation error
+        assert side["max_abs_error_of_mean"] < 1e-5
+    # the masked vectors' bytes are what the frameworks really send: uint32 vs int64 (+ header)
+    assert row["ours"]["masked_vector_dtype"] == "uint32"
+    assert row["ours"]["masked_vector_bytes"] == 4 * row["vector_length"]
+    assert row["flower"]["masked_vector_dtype"] == "int64"
+    assert row["flower"]["masked_vector_bytes"] > 8 * row["vector_length"]
+
+
+def test_secagg_vs_flower_in_process(tmp_path: Path) -> None:
+    out = tmp_path / "secagg_vs_flower.json"
+    run_script("secagg_vs_flower.py", "--quick", "--no-sim", "--out", str(out))
+    report = load(out)
+    assert report["benchmark"] == "secagg_vs_flower"
+    assert {"in_process", "dp_round", "simulation", "targets"} <= set(report)
+    assert len(report["in_process"]) == 1
+    check_secagg_row(report["in_process"][0])
+    assert report["dp_round"]["seconds"] > 0
+    assert set(report["targets"]) == {
+        "bytes_per_site_vs_plain",
+        "client_cost_vs_dp_round",
+        "faster_than_flower",
+        "simulated_round_vs_plain",
+    }
+    assert report["targets"]["simulated_round_vs_plain"]["met"] is None  # not run
+
+
+@pytest.mark.slow
+def test_secagg_vs_flower_with_simulations(tmp_path: Path) -> None:
+    out = tmp_path / "secagg_vs_flower.json"
+    run_script("secagg_vs_flower.py", "--quick", "--out", str(out))
+    sim = load(out)["simulation"]
+    assert sim["errors"] == {}
+    assert set(sim["median_seconds_per_round"]) == {
+        "ours_plain",
+        "ours_secure",
+        "flower_plain",
+        "flower_secure",
+    }
+    assert all(v > 0 for v in sim["median_seconds_per_round"].values())
+    assert sim["ours_secure_over_plain"] > 0 and sim["flower_secure_over_plain"] > 0
+
+
+@pytest.fixture(scope="module")
+def communication_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results folder holding a quick communication.json (run once for this module)."""
+    results = tmp_path_factory.mktemp("results")
+    run_script("communication.py", "--quick", "--out", str(results / "communication.json"))
+    return results
+
+
+def test_communication(communication_results: Path) -> None:
+    report = load(communication_results / "communication.json")
+    assert report["benchmark"] == "communication"
+    smol = report["models"]["smollm2_135m"]
+    assert smol["base_parameters"] == 134_515_008 and smol["meta_count_matches_gguf"]
+    assert smol["adapter_floats"] == 30 * 8 * ((576 + 576) + (576 + 192))
+    keys = {"model", "strategy", "secure", "up_bytes", "down_bytes", "up_fraction"}
+    for row in report["rows"]:
+        assert keys <= set(row)
+        assert 0 < row["up_fraction"] < 0.05 and row["down_bytes"] > 0
+        if row["strategy"] == "ffa":  # FFA-LoRA sends B (and the head) only
+            assert row["trained_floats"] < row["adapter_floats"]
+        if row["secure"]:
+            assert row["secagg_extra_up_bytes"] > 0 and row["secagg_extra_down_bytes"] > 0
+    assert {(r["model"], r["strategy"], r["secure"]) for r in report["rows"]} == {
+        (m, s, secure)
+        for m in ("minilm", "smollm2_135m")
+        for s in ("fedavg", "ffa")
+        for secure in (False, True)
+    }
+
+
+def test_report_from_results(communication_results: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    run_script(
+        "run.py", "--report-only", "--results", str(communication_results), "--readme", str(readme)
+    )
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "## Headline figures" in text and "## Communication per site per round" in text
+
+
+@pytest.mark.slow
+def test_scale(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    run_script("scale.py", "--quick", "--out", str(out))
+    report = load(out)
+    assert [r["sites"] for r in report["results"]] == [10, 30]
+    for row in report["results"]:
+        assert row["sampled_per_round"] == 10
+        assert row["peak_rss_mb"] > 0 and row["peak_pss_mb"] > 0 and row["peak_processes"] >= 2
+        assert row["median_seconds_per_round"] > 0
+    assert set(report["growth_first_to_last"]) == {
+        "sites",
+        "peak_rss",
+        "peak_pss",
+        "seconds_per_round",
+    }
+
+
+@pytest.mark.slow
+def test_runner_runs_and_writes_readme(tmp_path: Path) -> None:
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    proc = run_script(
+        "run.py",
+        "--quick",
+        "--only",
+        "communication",
+        "--results",
+        str(results),
+        "--readme",
+        str(readme),
+    )
+    assert "[1/1] communication" in proc.stdout
+    run = load(results / "run.json")
+    assert run["mode"] == "quick" and run["benchmarks"]["communication"]["exit"] == 0
+    load(results / "communication.json")
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "## Headline figures" in text and "## Communication per site per round" in text
+
+
+@pytest.mark.slow
+def test_runner_report_from_all_quick_results(tmp_path: Path) -> None:
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    results.mkdir()
+    run_script("secagg_vs_flower.py", "--quick", "--out", str(results / "secagg_vs_flower.json"))
+    run_script("scale.py", "--quick", "--out", str(results / "scale.json"))
+    run_script("run.py", "--report-only", "--results", str(results), "--readme", str(readme))
+    text = readme.read_text()
+    assert "## Secure aggregation" in text and "## Scale" in text and "### Targets" in text
+    assert (results / "scale.png").is_file()
+    assert "results/scale.png" in text

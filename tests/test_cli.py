@@ -1,0 +1,91 @@
+"""The ``fedpeft`` command: errors before work, simulate → export round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedpeft.cli import main
+from fedpeft.config import from_yaml
+from fedpeft.model import MODEL_LOADERS, build_model, set_flat
+from fedpeft.server.app import run_federation
+from fedpeft.server.rundir import RunDir
+from tests.conftest import tiny_config
+from tests.test_federation import _grid
+
+
+def test_unknown_key_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "federation.num_sitez=3"]) == 2
+    assert "federation.num_sitez" in capsys.readouterr().err
+
+
+def test_bad_value_exits_2_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["simulate", "federation.rounds=0", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "federation.rounds=0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def finished_run(cls_csv: Path, tmp_path: Path) -> Path:
+    config = tiny_config("classification", cls_csv, "federation.rounds=1")
+    run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_export_copies_the_peft_adapter(finished_run: Path, tmp_path: Path) -> None:
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    config = from_yaml((finished_run / "config.yaml").read_text())
+    base, _ = MODEL_LOADERS[config.model.loader](config.model)
+    PeftModel.from_pretrained(base, str(tmp_path / "out"))
+
+
+def test_export_merge_gives_the_adapted_model(finished_run: Path, tmp_path: Path) -> None:
+    assert main(["export", str(finished_run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    config = from_yaml((finished_run / "config.yaml").read_text())
+    loaded = build_model(config.model, config.lora, seed=config.seed)
+    checkpoint = RunDir(finished_run).latest_checkpoint()
+    assert checkpoint is not None
+    set_flat(loaded.peft_model, loaded.layout, checkpoint.global_flat)
+    merged = type(MODEL_LOADERS[config.model.loader](config.model)[0]).from_pretrained(
+        str(tmp_path / "merged")
+    )
+    ids = torch.randint(5, 200, (2, 10))
+    loaded.peft_model.eval()
+    merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits,
+            loaded.peft_model(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_export_refuses_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a finished fedpeft run directory" in capsys.readouterr().err
+
+
+def test_sweep_expands_every_combination() -> None:
+    from simulations.sweep import expand
+
+    combos = expand(["strategy=ffa,fedavg", "privacy.epsilon=1,8", "lora.target_modules=[a,b]"])
+    assert len(combos) == 4
+    assert ["strategy=fedavg", "privacy.epsilon=8", "lora.target_modules=[a,b]"] in combos
+
+
+def test_sweep_refuses_a_bad_override_before_running(tmp_path: Path) -> None:
+    from fedpeft.config import ConfigError
+    from simulations.sweep import run
+
+    with pytest.raises(ConfigError, match="federation.nope"):
+        run(["federation.rounds=1,2", "federation.nope=3"], tmp_path)
+    assert not list(tmp_path.iterdir())
