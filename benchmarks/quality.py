@@ -131,6 +131,7 @@ def make_pool(setting: Setting, folder: Path) -> Pool:
             "federation.partition=dirichlet",
             f"federation.alpha={setting.alpha}",
             "federation.min_sites=1",
+            "secagg.enabled=false",  # only splits the data here
         ]
     )
     task, columns = base.model.task, [base.data.text_column, base.data.label_column]
@@ -202,7 +203,13 @@ def run_federation(
 
 def configurations(setting: Setting, pool: Pool) -> list[tuple[str, dict[str, Any]]]:
     """Every configuration: name → how to run it (kind, strategy, ε, overrides, site files)."""
-    alone = ["federation.num_sites=1", "federation.min_sites=1", "strategy=fedavg"]
+    alone = [
+        "federation.num_sites=1",
+        "federation.min_sites=1",
+        "strategy=fedavg",
+        "secagg.enabled=false",  # one site: nothing to aggregate securely
+        "privacy.enabled=false",  # ceiling and floor are the non-private references
+    ]
     out: list[tuple[str, dict[str, Any]]] = [
         (
             "ceiling",

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fedpeft import constants as K
@@ -166,3 +167,41 @@ def test_a_site_without_ledger_path_refuses(tmp_path: Path) -> None:
     run_federation(grid, config, run_dir=tmp_path / "run")
     (row,) = _rows(tmp_path / "run")
     assert "ledger-path" in row["failures"]["11"] and row["sites_replied"] == 2
+
+
+def test_dp_randomness_is_the_sites_secret_not_the_coordinators(tmp_path: Path) -> None:
+    """Same config and data, different site secrets → different noise and sampling."""
+    from fedpeft.client.privacy import site_secret
+
+    def delta_of_site_11(folder: str) -> Any:
+        config = _config(tmp_path / folder, "federation.rounds=1")
+        (tmp_path / folder).mkdir(exist_ok=True)
+        grid = _grid(config, tmp_path / folder)
+        run_federation(grid, config, run_dir=tmp_path / folder / "run")
+        (reply,) = [
+            m
+            for m in grid.received
+            if m.metadata.src_node_id == 11 and K.LAYOUT in m.content.config_records
+        ]
+        return reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
+
+    first, second = delta_of_site_11("a"), delta_of_site_11("b")
+    assert not np.allclose(first, second)  # each site drew its own secret
+    secret = tmp_path / "a" / "ledger11.json.secret"
+    assert (
+        secret.stat().st_mode & 0o777 == 0o600
+        and len(site_secret(tmp_path / "a" / "ledger11.json")) == 32
+    )
+    # within one federation a retried round draws the same seed (resume charges it once)
+    from fedpeft.client.privacy import round_seed
+
+    key = site_secret(tmp_path / "a" / "ledger11.json")
+    assert round_seed(key, run_id="f", round_number=2) == round_seed(
+        key, run_id="f", round_number=2
+    )
+    assert round_seed(key, run_id="f", round_number=2) != round_seed(
+        key, run_id="f", round_number=3
+    )
+    assert round_seed(bytes(32), run_id="f", round_number=2) != round_seed(
+        key, run_id="f", round_number=2
+    )

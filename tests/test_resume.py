@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,11 @@ def test_resumed_federation_equals_an_uninterrupted_one(tmp_path: Path, mode: st
         InProcessGrid(app, _node_configs(tmp_path, "ledgers-a")), config, run_dir=reference
     )
 
+    # Each site's DP randomness comes from its own secret beside its ledger: the crashed
+    # federation's sites are the same sites, so they hold the same secrets.
+    (tmp_path / "ledgers-b").mkdir(exist_ok=True)
+    for secret in (tmp_path / "ledgers-a").glob("*.secret"):
+        shutil.copy2(secret, tmp_path / "ledgers-b" / secret.name)
     crashed = tmp_path / "crashed"
     grid = CrashingGrid(app, _node_configs(tmp_path, "ledgers-b"), crash_after=CRASH_AFTER[mode])
     with pytest.raises(ServerCrash):

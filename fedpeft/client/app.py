@@ -132,7 +132,13 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
         trained_names=trained_names,
         config=site.config.train,
         device=site.device,
-        seed=site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode()),
+        # Under DP the sampling and noise seed comes from a secret only the site holds, so
+        # the coordinator cannot replay them; it is stable per (federation, round) at the site.
+        seed=(
+            privacy.seed(run_id=run_id, round_number=round_number)
+            if privacy is not None
+            else site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode())
+        ),
         dp=privacy.dp if privacy is not None else None,
     )
     layout = site.global_layout.subset(lambda n: n in set(trained_names))

@@ -11,8 +11,12 @@ nothing, when it would cross the ceiling. DP-SGD itself is :mod:`fedpeft.privacy
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,42 @@ from fedpeft.privacy.ledger import PrivacyLedger
 CALIBRATION_ITERATIONS = 24  # bisection steps on σ: relative precision ~2^-24 of the bracket
 
 
+SECRET_BYTES = 32
+
+
+def site_secret(ledger_file: Path) -> bytes:
+    """The site's private randomness key, kept beside its ledger (created once, mode 0600).
+
+    DP-SGD's Poisson sampling and Gaussian noise must be unpredictable to everyone but the
+    site: a coordinator that could regenerate the noise could subtract it. Seeds derived
+    from this key are also stable across restarts, so a retried round repeats itself.
+    """
+    path = ledger_file.with_name(ledger_file.name + ".secret")
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process of this site created it first
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(SECRET_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+    key = path.read_bytes()
+    if len(key) != SECRET_BYTES:
+        raise ConfigError(
+            f"site secret {str(path)!r} holds {len(key)} bytes, expected {SECRET_BYTES}; it is "
+            "damaged. Restore it from backup (deleting it changes this site's DP randomness)."
+        )
+    return key
+
+
+def round_seed(secret: bytes, *, run_id: str, round_number: int) -> int:
+    """HMAC-SHA256(secret, "run/round") as a 63-bit seed: stable for a retried round."""
+    digest = hmac.new(secret, f"{run_id}/{round_number}".encode(), hashlib.sha256)
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
 @dataclass(frozen=True)
 class SitePrivacy:
     """A site's privacy settings for one run, ready to charge rounds."""
@@ -39,6 +79,11 @@ class SitePrivacy:
     steps_per_round: int
     max_grad_norm: float
     clipping: str
+    secret: bytes
+
+    def seed(self, *, run_id: str, round_number: int) -> int:
+        """A 63-bit seed for this round's sampling and noise, known only to the site."""
+        return round_seed(self.secret, run_id=run_id, round_number=round_number)
 
     @property
     def dp(self) -> DPSettings:
@@ -207,6 +252,7 @@ def site_privacy(
         steps_per_round=steps,
         max_grad_norm=config.privacy.max_grad_norm,
         clipping=config.privacy.clipping,
+        secret=site_secret(path),
     )
     _PLANS[key] = plan
     return plan

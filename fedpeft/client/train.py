@@ -33,6 +33,8 @@ from fedpeft.losses import per_example_loss
 from fedpeft.model import LoadedModel, get_flat, set_flat
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Separates the noise stream from the sampling stream drawn from the same (site-secret) seed.
+NOISE_SEED_SALT = 0x5DEECE66D
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ def train_local(
             max_grad_norm=dp.max_grad_norm,
             grad_sample_mode=dp.clipping,  # type: ignore[arg-type]
             max_steps=config.local_steps,
+            noise_generator=torch.Generator(device=device).manual_seed(seed ^ NOISE_SEED_SALT),
         ) as session:
             while session.steps < config.local_steps:
                 for batch in session.data_loader:
