@@ -373,8 +373,8 @@ def section_scale(report: dict[str, Any], img: str | None) -> list[str]:
     first, last = report["results"][0], report["results"][-1]
     if "driver_cpu_seconds" in first:
         out += [
-            f"The driver's CPU time grows ({first['driver_cpu_seconds']:.0f} s → "
-            f"{last['driver_cpu_seconds']:.0f} s for the same work) with round 1's time: Flower's "
+            f"The driver's CPU time goes from {first['driver_cpu_seconds']:.0f} s to "
+            f"{last['driver_cpu_seconds']:.0f} s for the same work: Flower's "
             "simulation engine polls the message store for *every* node every 0.1 s "
             "(`flwr/server/superlink/fleet/vce/vce_api.py`, `add_messages_to_queue`), and each "
             "poll scans all stored messages (`InMemoryLinkState.get_message_ins`). That is "

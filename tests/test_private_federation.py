@@ -205,3 +205,20 @@ def test_dp_randomness_is_the_sites_secret_not_the_coordinators(tmp_path: Path) 
     assert round_seed(bytes(32), run_id="f", round_number=2) != round_seed(
         key, run_id="f", round_number=2
     )
+
+
+def test_a_replayed_round_with_another_adapter_is_refused(tmp_path: Path) -> None:
+    """Same (federation, round) again: free only as a retry from the same global adapter."""
+    from fedpeft.client.privacy import REPLAY_REFUSAL, site_privacy
+    from fedpeft.privacy.errors import PrivacyConfigError
+
+    config = _config(tmp_path, "privacy.noise_multiplier=1.0")
+    node = {K.NODE_LEDGER_PATH: str(tmp_path / "ledger.json")}
+    plan = site_privacy(config, node, site_name="s", num_train=51, run_id="fed")
+    plan.charge(run_id="fed", round_number=1, global_digest="aaa")
+    plan.charge(run_id="fed", round_number=1, global_digest="aaa")  # a retry: allowed
+    with pytest.raises(PrivacyConfigError, match=REPLAY_REFUSAL):
+        plan.charge(run_id="fed", round_number=1, global_digest="bbb")
+    entries = json.loads((tmp_path / "ledger.json").read_text())["entries"]
+    assert [(e["run_id"], e["round"]) for e in entries] == [("fed", 1)]  # charged once
+    plan.charge(run_id="fed", round_number=2, global_digest="bbb")  # a new round is fine

@@ -20,6 +20,7 @@ resumes the federation under a new Flower run id.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import zlib
@@ -124,7 +125,11 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
             num_train=site.data.num_train,
             run_id=run_id,
         )
-        privacy.charge(run_id=run_id, round_number=round_number)
+        privacy.charge(
+            run_id=run_id,
+            round_number=round_number,
+            global_digest=hashlib.sha256(global_flat.tobytes()).hexdigest(),
+        )
     result = train_local(
         site.loaded,
         site.data.train,

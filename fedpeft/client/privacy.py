@@ -61,6 +61,27 @@ def site_secret(ledger_file: Path) -> bytes:
     return key
 
 
+def _bind_round(ledger_file: Path, *, run_id: str, round_number: int, global_digest: str) -> None:
+    """Remember which global adapter each charged round started from; refuse a different one."""
+    path = ledger_file.with_name(ledger_file.name + ".rounds.json")
+    bound: dict[str, str] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    key = f"{run_id}/{round_number}"
+    if key in bound and bound[key] != global_digest:
+        raise PrivacyConfigError(
+            f"{REPLAY_REFUSAL}: round {round_number} of federation {run_id!r} was already "
+            "charged for a different global adapter; training it again would release a second "
+            "update for one charge. The coordinator must start a new round."
+        )
+    if key not in bound:
+        bound[key] = global_digest
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(bound, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+REPLAY_REFUSAL = "replayed round refused"
+
+
 def round_seed(secret: bytes, *, run_id: str, round_number: int) -> int:
     """HMAC-SHA256(secret, "run/round") as a 63-bit seed: stable for a retried round."""
     digest = hmac.new(secret, f"{run_id}/{round_number}".encode(), hashlib.sha256)
@@ -89,8 +110,17 @@ class SitePrivacy:
     def dp(self) -> DPSettings:
         return DPSettings(self.noise_multiplier, self.max_grad_norm, self.clipping)
 
-    def charge(self, *, run_id: str, round_number: int) -> None:
-        """Charge one round before training; raises ``BudgetExceededError`` past the ceiling."""
+    def charge(self, *, run_id: str, round_number: int, global_digest: str) -> None:
+        """Charge one round before training; raises ``BudgetExceededError`` past the ceiling.
+
+        A round already charged is trained again without a second charge only when it starts
+        from the same global adapter (a retry after a crash, which repeats the same noisy
+        release); asked again with a different adapter, the site refuses: that would be a
+        second release for one charge.
+        """
+        _bind_round(
+            self.ledger.path, run_id=run_id, round_number=round_number, global_digest=global_digest
+        )
         self.ledger.record(
             run_id=run_id,
             round=round_number,
