@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import write_classification_csv  # noqa: E402
+from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
 from tests.deploy.harness import LoopbackDeployment  # noqa: E402
 
 SITES = ("site-1", "site-2", "site-3")
@@ -95,14 +95,7 @@ def simulated(mode: str, rounds: int, scratch: Path) -> list[float]:
     run_dir = scratch / "run"
     command = [str(Path(sys.executable).parent / "fedpeft"), "simulate"]
     command += _overrides(mode, rounds, data, run_dir).split()
-    env = {
-        **os.environ,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = offline_env()
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
     return _round_seconds(run_dir)
 

@@ -37,7 +37,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_env, write_csv  # noqa: E402
+from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scale.json"
 SAMPLED = 10
@@ -110,7 +110,7 @@ def run_setting(csv_path: Path, out: Path, num_sites: int, rounds: int) -> dict[
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", *overrides]
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=bench_env())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=offline_env())
         with TreeMemory(proc.pid) as memory:
             code = proc.wait(timeout=1800)
         wall = time.perf_counter() - start
@@ -154,7 +154,7 @@ def main() -> None:
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="fedpeft-scale-") as tmp:
-        csv_path = write_csv(Path(tmp) / "data.csv", rows=rows_n)
+        csv_path = write_classification_csv(Path(tmp) / "data.csv", n=rows_n)
         for num_sites in sites:
             row = run_setting(csv_path, Path(tmp) / f"run-{num_sites}", num_sites, rounds)
             results.append(row)

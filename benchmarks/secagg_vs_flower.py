@@ -60,7 +60,6 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_env, write_csv  # noqa: E402
 from secagg_primitives import payload_bytes  # noqa: E402
 
 from fedpeft.privacy.secagg import (  # noqa: E402
@@ -69,6 +68,7 @@ from fedpeft.privacy.secagg import (  # noqa: E402
     default_num_neighbours,
     default_threshold,
 )
+from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "secagg_vs_flower.json"
@@ -479,7 +479,7 @@ def run_fedpeft_sim(
         f"output_dir={out}",
     ]
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(), timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(), timeout=900)
     metrics = out / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
         raise RuntimeError(f"simulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -503,7 +503,7 @@ def run_flower_sim(out: Path, *, secure: bool, sites: int, rounds: int, length: 
             }
         ),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(), timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(), timeout=900)
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"Flower simulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     starts = json.loads(out.read_text())["round_starts"]
@@ -596,7 +596,7 @@ def compare_simulation(quick: bool, repeats: int, rounds: int, with_flower: bool
         seconds.update(flower_plain=[], flower_secure=[])
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="secagg-sim-") as tmp:
-        csv_path = write_csv(Path(tmp) / "data.csv", rows=100 * sites)
+        csv_path = write_classification_csv(Path(tmp) / "data.csv", n=100 * sites)
         for repeat in range(repeats):
             for name in list(seconds):
                 out = Path(tmp) / f"{name}-{repeat}"

@@ -1,4 +1,6 @@
-"""An in-process Flower ``Grid`` for fast, deterministic federations in one process.
+"""Helpers for tests and benchmarks: an in-process ``Grid``, synthetic data, a child's environment.
+
+:class:`InProcessGrid` runs fast, deterministic federations in one process.
 
 It delivers each message to a ClientApp called in this process with the node's own
 Context (node config, persistent state), so tests can give every site its own files,
@@ -9,7 +11,12 @@ and benchmarks can run many small federations quickly. Flower's simulation engin
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import random
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -18,7 +25,65 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["InProcessGrid", "Tamper"]
+__all__ = [
+    "InProcessGrid",
+    "Tamper",
+    "offline_env",
+    "write_causal_jsonl",
+    "write_classification_csv",
+]
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "bright"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "ugly", "grim"]
+FILLER = ["the", "a", "movie", "plot", "was", "and"]
+
+
+def write_classification_csv(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """An easy sentiment task (``text,label,domain``): the label is which word list the text
+    draws from; ``domain`` cycles d0, d1, d2 for a natural split by column."""
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label", "domain"])
+        for i in range(n):
+            label = rng.randint(0, 1)
+            words = rng.choices(POSITIVE if label else NEGATIVE, k=3) + rng.choices(FILLER, k=3)
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label, f"d{i % 3}"])
+    return path
+
+
+def write_causal_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """Prompt/response pairs (JSONL): the response repeats the prompt's first word."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as handle:
+        for _ in range(n):
+            words = rng.choices(POSITIVE + NEGATIVE, k=3)
+            handle.write(
+                json.dumps({"prompt": "say " + " ".join(words), "response": words[0]}) + "\n"
+            )
+    return path
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child process: offline, no telemetry, Ray on loopback.
+
+    Warnings are left on: a child's stderr goes to its log, where they belong.
+    """
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
+
 
 Tamper = Callable[[int, Message], Message | None]
 

@@ -34,7 +34,8 @@ from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.validation import ReplyRejected, check_train_reply
-from tests.conftest import tiny_config, write_classification_csv
+from fedpeft.testing import write_classification_csv
+from tests.conftest import tiny_config
 from tests.inprocess import InProcessGrid
 
 NODES = (11, 22, 33)

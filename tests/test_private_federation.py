@@ -14,7 +14,7 @@ from fedpeft.client.app import make_client_app
 from fedpeft.config import FedPeftConfig, compose_config
 from fedpeft.privacy.calibration import compute_epsilon
 from fedpeft.server.app import run_federation
-from tests.conftest import write_classification_csv
+from fedpeft.testing import write_classification_csv
 from tests.inprocess import InProcessGrid
 
 pytestmark = [

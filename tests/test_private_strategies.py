@@ -23,7 +23,7 @@ from fedpeft.config import compose_config
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
-from tests.conftest import write_classification_csv
+from fedpeft.testing import write_classification_csv
 from tests.inprocess import InProcessGrid
 
 pytestmark = [

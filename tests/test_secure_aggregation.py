@@ -32,7 +32,8 @@ from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation, payload_bytes
-from tests.conftest import tiny_config, write_classification_csv
+from fedpeft.testing import write_classification_csv
+from tests.conftest import tiny_config
 from tests.inprocess import InProcessGrid, Tamper
 
 NODES = (11, 22, 33)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.deploy import make_certificates, make_site_keys
+from fedpeft.testing import offline_env
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.toml is here
 BIN = Path(sys.executable).parent
@@ -141,19 +142,11 @@ class LoopbackDeployment:
         self.port = self.port or free_port()
         if self.secure:
             self.certs = make_certificates(self.root / "certs", hosts=["127.0.0.1", "localhost"])
-        self.environ = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec & co.
-            "FLWR_HOME": str(self.home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "PYTHONWARNINGS": "ignore",
+        self.environ = offline_env(
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec & co.
+            FLWR_HOME=str(self.home),
             **self.env,
-        }
+        )
         connection = [f"[superlink]\ndefault = {CONNECTION!r}\n", f"[superlink.{CONNECTION}]"]
         connection.append(f'address = "127.0.0.1:{self.port}"')
         if self.secure:

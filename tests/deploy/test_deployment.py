@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from fedpeft.config import from_yaml
 from fedpeft.deploy import make_certificates, make_site_keys
 from fedpeft.server.rundir import RunDir
-from tests.conftest import write_classification_csv
+from fedpeft.testing import write_classification_csv
 from tests.deploy.harness import LoopbackDeployment, descendants
 
 pytestmark = pytest.mark.slow
