@@ -30,6 +30,7 @@ TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "column")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "sgd")
+POOLINGS = ("model", "mean")
 ACCOUNTANTS = ("prv", "rdp")
 CLIPPING_MODES = ("hooks", "ghost", "functorch")
 
@@ -52,6 +53,10 @@ class ModelConfig:
     task: str = "classification"
     num_labels: int = 2
     max_length: int = 64
+    # Classification head input: "model" = the architecture's own (BERT: the pooler on the
+    # first token); "mean" = the masked mean of the last layer, as sentence encoders are
+    # trained to be read (BERT-family models only; see fedpeft.heads).
+    pooling: str = "model"
     # Sizes of the in-process tiny models; ignored by the other loaders.
     hidden_size: int = 32
     num_layers: int = 2
@@ -101,6 +106,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     lr: float = 3e-3
     optimizer: str = "adamw"
+    # SGD only: heavy-ball momentum (0 = plain SGD); it averages DP noise over steps.
+    momentum: float = 0.0
     weight_decay: float = 0.0
     device: str = "auto"
     # torch threads per site process; 0 keeps torch's default.
@@ -272,6 +279,12 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (m.loader in MODEL_LOADERS, f"model.loader={m.loader!r}: allowed {sorted(MODEL_LOADERS)}"),
         (m.task in TASKS, f"model.task={m.task!r}: allowed {list(TASKS)}"),
         (m.loader != "local" or bool(m.path), "model.loader=local needs model.path=/a/folder"),
+        (m.pooling in POOLINGS, f"model.pooling={m.pooling!r}: allowed {list(POOLINGS)}"),
+        (
+            m.pooling != "mean" or (m.task == "classification" and m.loader != "tiny-llama"),
+            f"model.pooling=mean with model.loader={m.loader!r}, model.task={m.task!r}: mean "
+            "pooling is a head for BERT-family classifiers; use model.pooling=model",
+        ),
         (m.num_labels >= 2, f"model.num_labels={m.num_labels}: must be >= 2"),
         (m.max_length >= 8, f"model.max_length={m.max_length}: must be >= 8"),
         (config.lora.r >= 1, f"lora.r={config.lora.r}: must be >= 1"),
@@ -290,6 +303,15 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
         (t.lr > 0, f"train.lr={t.lr}: must be > 0"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: allowed {list(OPTIMIZERS)}"),
+        (
+            0.0 <= t.momentum < 1.0,
+            f"train.momentum={t.momentum}: must be in [0, 1) (heavy-ball momentum of SGD)",
+        ),
+        (
+            t.momentum == 0.0 or t.optimizer == "sgd",
+            f"train.momentum={t.momentum} with train.optimizer={t.optimizer!r}: momentum is an SGD "
+            "setting; set train.optimizer=sgd or train.momentum=0",
+        ),
         (t.device in DEVICES, f"train.device={t.device!r}: allowed {list(DEVICES)}"),
         (f.num_sites >= 1, f"federation.num_sites={f.num_sites}: must be >= 1"),
         (f.rounds >= 1, f"federation.rounds={f.rounds}: must be >= 1"),

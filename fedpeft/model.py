@@ -21,6 +21,7 @@ import torch
 from numpy.typing import NDArray
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -35,6 +36,7 @@ from transformers import (
 )
 
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
+from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling_config
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
     )
     with torch.random.fork_rng():
         torch.manual_seed(TINY_WEIGHTS_SEED)
+        if config.pooling == "mean":
+            return BertMeanPoolingForSequenceClassification(mean_pooling_config(bert)), tokenizer
         return BertForSequenceClassification(bert), tokenizer
 
 
@@ -149,7 +153,9 @@ def _from_folder(
         )
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model: PreTrainedModel
-    if config.task == "classification":
+    if config.task == "classification" and config.pooling == "mean":
+        model = _mean_pooling_classifier(folder, config)
+    elif config.task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=config.num_labels, local_files_only=True
         )
@@ -161,6 +167,20 @@ def _from_folder(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _mean_pooling_classifier(folder: Path, config: ModelConfig) -> PreTrainedModel:
+    """The BERT-family model in ``folder`` with :mod:`fedpeft.heads`' mean-pooling head."""
+    found = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not isinstance(found, BertConfig):
+        raise ConfigError(
+            f"model.pooling=mean needs a BERT-family model, but {str(folder)!r} is "
+            f"{found.model_type!r}; use model.pooling=model for it."
+        )
+    found.num_labels = config.num_labels
+    return BertMeanPoolingForSequenceClassification.from_pretrained(
+        folder, config=mean_pooling_config(found), local_files_only=True
+    )
 
 
 def _minilm(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -63,8 +63,11 @@ def build_bert_classifier(
     use_dora: bool = False,
     target_modules: tuple[str, ...] = ("query", "value"),
     initializer_range: float = 0.02,
+    pooling: str = "model",
 ) -> nn.Module:
     """Tiny BERT classifier with LoRA on q/v and a trained classifier head, in train mode.
+
+    ``pooling="mean"`` gives :mod:`fedpeft.heads`' mean-pooling head (the embedded default's).
 
     ``initializer_range`` is BERT's init std; at the default 0.02 a random 32-wide BERT maps
     every input to nearly the same pooled vector, so learning tests use a larger one.
@@ -86,7 +89,12 @@ def build_bert_classifier(
         pad_token_id=PAD,
         initializer_range=initializer_range,
     )
-    base = BertForSequenceClassification(config).to(dtype)
+    if pooling == "mean":
+        from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling_config
+
+        base = BertMeanPoolingForSequenceClassification(mean_pooling_config(config)).to(dtype)
+    else:
+        base = BertForSequenceClassification(config).to(dtype)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # puts the classifier head in modules_to_save
         r=4,

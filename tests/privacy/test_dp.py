@@ -50,8 +50,9 @@ def _model_and_batch(
     tiny: SimpleNamespace, kind: str, *, seed: int = 0
 ) -> tuple[nn.Module, object]:
     """A perturbed float64 model and a padded batch with examples of different lengths."""
-    if kind == "bert":
-        model = tiny.build_bert_classifier(seed=seed)
+    if kind in ("bert", "bert-mean"):
+        pooling = "mean" if kind == "bert-mean" else "model"
+        model = tiny.build_bert_classifier(seed=seed, pooling=pooling)
         batch = tiny.make_batch("classification", lengths=[5, 9, 3, 7, 6], seed=seed + 10)
     else:
         model = tiny.build_llama_lm(seed=seed)
@@ -63,7 +64,7 @@ def _model_and_batch(
 def _tolerance(kind: str, reference: torch.Tensor) -> dict[str, float]:
     """assert_close tolerances: float64 end to end for BERT; Llama's RMSNorm computes in float32
     even in a float64 model, so the 1/B of the mean loss, rounded there, costs ~1e-7 relative."""
-    if kind == "bert":
+    if kind.startswith("bert"):
         return {"rtol": 1e-9, "atol": 1e-12}
     return {"rtol": 1e-5, "atol": 1e-6 * float(reference.detach().abs().max())}
 
@@ -88,7 +89,7 @@ def _private(model: nn.Module, loader: DataLoader[object], **kwargs: object) -> 
 # ---------------------------------------------------------------------------- (a) correctness
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "bert-mean", "llama"])
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_per_sample_grads_match_one_backward_per_example(
     tiny: SimpleNamespace, kind: str, mode: str
@@ -116,7 +117,7 @@ def test_per_sample_grads_match_one_backward_per_example(
     session.close()
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "bert-mean", "llama"])
 @pytest.mark.parametrize("mode", MODES)
 def test_clipped_step_matches_reference(tiny: SimpleNamespace, kind: str, mode: str) -> None:
     """Noise-free step = -lr * sum_i clip(g_i) / E, with some examples clipped and some not."""
