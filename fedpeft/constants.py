@@ -30,6 +30,10 @@ LAYOUT = "layout"  # ConfigRecord: names and element counts of the flat array's 
 # ConfigRecord entries, server → site
 CFG_ROUND = "round"
 CFG_TRAIN_NAMES = "train-names"  # which adapter tensors the site trains and sends back
+# The global adapter travels as the tensors named here (ARRAY_FLAT holds their values); the
+# site rebuilds the others from the shared seed and checks them against this SHA-256.
+CFG_SENT_NAMES = "sent-names"
+CFG_DERIVED_DIGEST = "derived-digest"
 # Stable across a resumed federation (a resumed ServerApp gets a new Flower run id): the key
 # under which sites charge the round to their privacy ledgers.
 CFG_FEDERATION_ID = "federation-id"

@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedpeft.broadcast import initial_lora_a
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
 from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling_config
 
@@ -248,7 +249,8 @@ def build_model(
 
     The order matters under Opacus (opacus#820): the model reaches its final device
     before peft creates the adapter, so optimisers capture the tensors that train.
-    ``seed`` fixes the adapter's initial values (LoRA A), identical on every side.
+    ``seed`` fixes the adapter's initial values (LoRA A, rank-nested: see
+    :func:`fedpeft.broadcast.initial_lora_a`), identical on every side.
     """
     base, tokenizer = MODEL_LOADERS[model_config.loader](model_config)
     if device is not None:
@@ -270,6 +272,11 @@ def build_model(
             f"{model_config.loader!r}: {err}"
         ) from None
     params = adapter_parameters(peft_model)
+    with torch.no_grad():  # rank-nested start values every side can rebuild (fedpeft.broadcast)
+        for name, p in params:
+            if ".lora_A." in name:
+                start = initial_lora_a(name, tuple(p.shape), seed)
+                p.copy_(torch.from_numpy(start).to(p.device, p.dtype))
     layout = AdapterLayout(
         names=tuple(n for n, _ in params), shapes=tuple(tuple(p.shape) for _, p in params)
     )

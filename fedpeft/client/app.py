@@ -72,18 +72,33 @@ def ledger_run_id(msg: Message) -> str:
 
 
 def _global_flat(msg: Message, site: Site) -> NDArray[np.float32]:
-    """The global adapter in ``msg``, checked, cut to this site's LoRA rank (no-op at full rank)."""
-    flat = msg.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
-    expected = site.global_layout.size
-    if flat.dtype != np.float32 or flat.shape != (expected,):
-        raise ValueError(
-            f"global adapter has dtype {flat.dtype} and shape {flat.shape}, but this site's "
-            f"model expects float32 ({expected},): site and server run different "
-            "model or LoRA settings."
-        )
+    """The global adapter in ``msg``, rebuilt and checked, cut to this site's LoRA rank.
+
+    The server leaves out LoRA factors still at their shared start (:mod:`fedpeft.broadcast`);
+    a message without ``sent-names`` carries the whole adapter.
+    """
+    from fedpeft.broadcast import Broadcast, decode
     from fedpeft.ranks import slice_to_rank
 
-    return slice_to_rank(flat, site.global_layout, site.rank)
+    values = msg.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
+    entries = msg.content.config_records[K.CONFIG]
+    layout = site.global_layout
+    if K.CFG_SENT_NAMES in entries:
+        broadcast = Broadcast(
+            values=values,
+            sent=tuple(str(n) for n in entries[K.CFG_SENT_NAMES]),  # type: ignore[union-attr]
+            derived_digest=str(entries.get(K.CFG_DERIVED_DIGEST, "")),
+        )
+        flat = decode(broadcast, layout, seed=site.config.seed)
+    elif values.dtype != np.float32 or values.shape != (layout.size,):
+        raise ValueError(
+            f"global adapter has dtype {values.dtype} and shape {values.shape}, but this site's "
+            f"model expects float32 ({layout.size},): site and server run different "
+            "model or LoRA settings."
+        )
+    else:
+        flat = values
+    return slice_to_rank(flat, layout, site.rank)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from fedpeft import constants as K
+from fedpeft.broadcast import Broadcast
 from fedpeft.model import AdapterLayout
 from fedpeft.ranks import layout_rank, nonzero_beyond_rank, slot_weighted_mean
 from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
@@ -57,21 +58,40 @@ class RoundRequest:
     # Sent with every train instruction; sites key their privacy ledger by it (empty: by
     # Flower's run id). Fixed for a federation's life, so a resumed round is not charged twice.
     federation_id: str = ""
+    # global_flat as it goes on the wire (fedpeft.broadcast); None sends the whole adapter
+    broadcast: Broadcast | None = None
+
+    @property
+    def bytes_down_per_site(self) -> int:
+        values = self.broadcast.values if self.broadcast is not None else self.global_flat
+        return int(values.nbytes)
+
+
+def adapter_content(
+    flat: NDArray[np.float32], broadcast: Broadcast | None, config: dict[str, Any]
+) -> RecordDict:
+    """A message carrying the global adapter ``flat`` — as ``broadcast`` when given (the
+    sent tensors, their names and the digest of the rest) — and ``config`` in CONFIG."""
+    values, entries = flat, dict(config)
+    if broadcast is not None:
+        values = broadcast.values
+        entries[K.CFG_SENT_NAMES] = list(broadcast.sent)
+        entries[K.CFG_DERIVED_DIGEST] = broadcast.derived_digest
+    return RecordDict(
+        {K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(values)}), K.CONFIG: ConfigRecord(entries)}
+    )
 
 
 def train_content(request: RoundRequest) -> RecordDict:
     """The train instruction: global adapter plus which tensors to train."""
-    return RecordDict(
+    return adapter_content(
+        request.global_flat,
+        request.broadcast,
         {
-            K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(request.global_flat)}),
-            K.CONFIG: ConfigRecord(
-                {
-                    K.CFG_ROUND: request.round_number,
-                    K.CFG_TRAIN_NAMES: list(request.trained.names),
-                    K.CFG_FEDERATION_ID: request.federation_id,
-                }
-            ),
-        }
+            K.CFG_ROUND: request.round_number,
+            K.CFG_TRAIN_NAMES: list(request.trained.names),
+            K.CFG_FEDERATION_ID: request.federation_id,
+        },
     )
 
 
@@ -138,7 +158,7 @@ class PlainAggregation(Aggregation):
         outcome = RoundOutcome(
             mean_delta=None,
             contributors=[],
-            bytes_down=int(request.global_flat.nbytes) * len(request.nodes),
+            bytes_down=request.bytes_down_per_site * len(request.nodes),
         )
         for reply in replies:
             node = reply.metadata.src_node_id

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import constants as K
+from fedpeft.broadcast import Broadcast, encode
 from fedpeft.config import (
     ConfigError,
     FedPeftConfig,
@@ -44,7 +45,12 @@ from fedpeft.config import (
     to_yaml,
 )
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
-from fedpeft.server.aggregation import Aggregation, PlainAggregation, RoundRequest
+from fedpeft.server.aggregation import (
+    Aggregation,
+    PlainAggregation,
+    RoundRequest,
+    adapter_content,
+)
 from fedpeft.server.exchange import PollingGrid
 from fedpeft.server.privacy_report import PrivacyReport
 from fedpeft.server.progress import Progress
@@ -188,6 +194,10 @@ class Federation:
         save_adapter(self.loaded, self.global_flat, tmp)
         self.run_dir.commit_adapter(tmp)
 
+    def broadcast(self) -> Broadcast:
+        """The global adapter as it goes down: without the LoRA factors still at their start."""
+        return encode(self.global_flat, self.loaded.layout, seed=self.config.seed)
+
     # --- one round ------------------------------------------------------------------------
     def train_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
         fed = self.config.federation
@@ -199,6 +209,7 @@ class Federation:
             min_sites=fed.min_sites,
             timeout=fed.round_timeout,
             federation_id=self.federation_id,
+            broadcast=self.broadcast(),
         )
         outcome = self.aggregation.run_round(self.grid, request)
         updated = outcome.mean_delta is not None
@@ -232,12 +243,8 @@ class Federation:
         if fed.fraction_evaluate == 0:
             return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0, "eval_bytes_down": 0}
         chosen = sample_nodes(self.rng, nodes, fraction=fed.fraction_evaluate, minimum=1)
-        content = RecordDict(
-            {
-                K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(self.global_flat)}),
-                K.CONFIG: ConfigRecord({K.CFG_ROUND: round_number}),
-            }
-        )
+        broadcast = self.broadcast()
+        content = adapter_content(self.global_flat, broadcast, {K.CFG_ROUND: round_number})
         replies = self.grid.send_and_receive(
             _messages(chosen, content, MessageType.EVALUATE), timeout=fed.round_timeout
         )
@@ -262,14 +269,14 @@ class Federation:
                 "eval_loss": None,
                 "eval_accuracy": None,
                 "eval_sites": 0,
-                "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen),
+                "eval_bytes_down": int(broadcast.values.nbytes) * len(chosen),
             }
         loss = float(np.average(losses, weights=weights))
         row: dict[str, Any] = {
             "eval_loss": loss,
             "eval_accuracy": float(np.average(accs, weights=weights)),
             "eval_sites": len(weights),
-            "eval_bytes_down": int(self.global_flat.nbytes) * len(chosen),
+            "eval_bytes_down": int(broadcast.values.nbytes) * len(chosen),
         }
         if self.config.model.task == "causal_lm":
             row["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
