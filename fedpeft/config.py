@@ -105,6 +105,8 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     lr: float = 3e-3
+    # learning rate of the classifier head (null: train.lr); see fedpeft.client.train
+    head_lr: float | None = None
     optimizer: str = "adamw"
     # SGD only: heavy-ball momentum (0 = plain SGD); it averages DP noise over steps.
     momentum: float = 0.0
@@ -302,6 +304,7 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (t.local_steps >= 1, f"train.local_steps={t.local_steps}: must be >= 1"),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
         (t.lr > 0, f"train.lr={t.lr}: must be > 0"),
+        (t.head_lr is None or t.head_lr > 0, f"train.head_lr={t.head_lr}: must be > 0 or null"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: allowed {list(OPTIMIZERS)}"),
         (
             0.0 <= t.momentum < 1.0,

@@ -107,8 +107,8 @@ def forward_losses(
 
 def prepare_trainable(
     loaded: LoadedModel, trained_names: Sequence[str]
-) -> list[torch.nn.Parameter]:
-    """Make exactly ``trained_names`` require gradients; return them in layout order."""
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Make exactly ``trained_names`` require gradients; return them (name, tensor) in order."""
     wanted = set(trained_names)
     unknown = wanted - set(loaded.layout.names)
     if unknown:
@@ -119,16 +119,36 @@ def prepare_trainable(
     for name, param in loaded.peft_model.named_parameters():
         param.requires_grad_(name in wanted)
         if name in wanted:
-            params.append(param)
+            params.append((name, param))
     return params
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def is_head(name: str) -> bool:
+    """Whether adapter tensor ``name`` is a trained copy of a head (peft ``modules_to_save``)."""
+    return ".modules_to_save." in name
+
+
+def make_optimizer(
+    params: Sequence[tuple[str, torch.nn.Parameter]], config: TrainConfig
+) -> torch.optim.Optimizer:
+    """The local optimiser; the head's tensors step at ``train.head_lr`` when it is set.
+
+    A classifier head and the LoRA factors want different steps: under DP-SGD every example's
+    gradient is clipped to ``max_grad_norm``, which shrinks the head's (large) gradient, while
+    the noise added per coordinate is the same for the LoRA factors, which a large step would
+    turn into a random walk of the encoder.
+    """
+    head_lr = config.head_lr if config.head_lr is not None else config.lr
+    groups = [
+        {"params": [p for n, p in params if not is_head(n)], "lr": config.lr},
+        {"params": [p for n, p in params if is_head(n)], "lr": head_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -162,9 +182,9 @@ def train_local(
     set_flat(model, loaded.layout, global_flat)
     trained_layout = loaded.layout.subset(lambda n: n in set(trained_names))
     before = get_flat(model, trained_layout)
-    params = prepare_trainable(loaded, trained_names)
+    named = prepare_trainable(loaded, trained_names)
     model.train()
-    optimizer = make_optimizer(params, config)
+    optimizer = make_optimizer(named, config)
     torch.manual_seed(seed)  # LoRA dropout
     loader = make_loader(
         dataset,
