@@ -4,8 +4,11 @@ For each model, strategy (``fedavg``: every adapter tensor; ``ffa``: LoRA B and 
 and with or without secure aggregation, this counts what one sampled site sends and receives
 in one round of fedpeft's round loop (:mod:`fedpeft.server.app`):
 
-* down: the global adapter (float32, the *whole* adapter layout) in the train instruction, and
-  once more in the evaluate instruction (``federation.fraction_evaluate = 1``, the default);
+* down: the global adapter in the train instruction, and once more in the evaluate instruction
+  (``federation.fraction_evaluate = 1``, the default), as :func:`fedpeft.broadcast.encode`
+  puts it on the wire after a round has moved the trained tensors: the tensors that differ
+  from the shared start (float32) — for ``ffa`` LoRA B and the head, since A never moves; for
+  ``fedavg`` every tensor — plus a 64-character digest;
 * up: the delta of the tensors the strategy trains (float32), or under secure aggregation the
   uint32 masked vector of the same length;
 * secure aggregation's extra bytes, both ways: the real protocol payloads of one in-process
@@ -41,9 +44,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from secagg_primitives import run_round  # noqa: E402
 
+from fedpeft.broadcast import encode, initial_values, is_derivable  # noqa: E402
 from fedpeft.config import StrategyConfig, compose_config  # noqa: E402
 from fedpeft.model import AdapterLayout, adapter_parameters, build_model  # noqa: E402
 from fedpeft.server.strategies import make_strategy  # noqa: E402
@@ -138,19 +144,36 @@ def secagg_extra(num_sites: int, length: int) -> dict[str, float]:
     }
 
 
+def steady_down_floats(layout: AdapterLayout, trained: AdapterLayout, seed: int = 0) -> int:
+    """Floats in a global adapter message once a round has moved the ``trained`` tensors."""
+    derivable = {n for n in layout.names if is_derivable(n)}
+    start = initial_values(layout, derivable, seed)
+    flat, offset, at = np.zeros(layout.size, dtype=np.float32), 0, 0
+    for name, numel in zip(layout.names, layout.numels, strict=True):
+        if name in derivable:
+            flat[offset : offset + numel] = start[at : at + numel]
+            at += numel
+        if name in trained.names:
+            flat[offset : offset + numel] += 1e-3  # one round of training moved it
+        offset += numel
+    return int(encode(flat, layout, seed=seed).values.size)
+
+
 def rows_for(
     model: str, layout: AdapterLayout, base: int, sites: list[int]
 ) -> list[dict[str, Any]]:
     full = 4 * base
     rows = []
     for name in STRATEGIES:
-        trained = make_strategy(StrategyConfig(name=name), layout).trained_layout().size
+        trained_layout = make_strategy(StrategyConfig(name=name), layout).trained_layout()
+        trained = trained_layout.size
+        sent = steady_down_floats(layout, trained_layout)
         variants: list[tuple[bool, int | None]] = [(False, None)] + [(True, n) for n in sites]
         for secure, n in variants:
             extra = secagg_extra(n, trained) if secure and n else {"up": 0.0, "down": 0.0}
             up = 4 * trained + extra["up"]
-            down_train = 4 * layout.size + extra["down"]
-            down_eval = 4 * layout.size
+            down_train = 4 * sent + extra["down"]
+            down_eval = 4 * sent
             down = down_train + down_eval
             rows.append(
                 {
@@ -161,6 +184,7 @@ def rows_for(
                     "num_neighbours": extra.get("num_neighbours"),
                     "adapter_floats": layout.size,
                     "trained_floats": trained,
+                    "down_floats": sent,
                     "up_bytes": up,
                     "down_bytes": down,
                     "down_train_bytes": down_train,

@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/deployment_latency.py              # 3 rounds, plain and secure
     python benchmarks/deployment_latency.py --rounds 2 --modes plain
+    python benchmarks/deployment_latency.py --quick      # 2 rounds, plain only
 
 Writes ``benchmarks/results/deployment_latency.json``.
 """
@@ -123,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
     parser.add_argument("--modes", nargs="+", default=["plain", "secure"])
+    parser.add_argument("--quick", action="store_true", help="2 rounds, plain only (smoke)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.modes = 2, ["plain"]
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 also builds the model")
     load_before = os.getloadavg()

@@ -285,8 +285,10 @@ def section_communication(report: dict[str, Any]) -> list[str]:
         )
     out += [
         "",
-        "Down: the global adapter (whole layout, float32) in the train and the evaluate "
-        "instruction; up: the trained tensors' delta (or the uint32 masked vector). Secure rows "
+        "Down: the global adapter in the train and the evaluate instruction, as it goes on the "
+        "wire once a round has moved the trained tensors (float32 tensors that differ from the "
+        "shared start: for `ffa` LoRA B and the head, for `fedavg` everything); up: the trained "
+        "tensors' delta (or the uint32 masked vector). Secure rows "
         "add the real SecAgg+ protocol payloads of a round of `n` sites. Percentages are of the "
         "full model's fp32 bytes; FlowerTune reports ≈ "
         f"{100 * report['flowertune_reference_fraction']:.2f}%.",
@@ -300,6 +302,7 @@ def section_communication(report: dict[str, Any]) -> list[str]:
                 r["strategy"],
                 f"secure, n={r['sites']}" if r["secure"] else "plain",
                 f"{r['trained_floats']:,}",
+                f"{r.get('down_floats', r['adapter_floats']):,}",
                 f"{_size(r['up_bytes'])} ({100 * r['up_fraction']:.3f}%)",
                 f"{_size(r['down_bytes'])} ({100 * r['down_fraction']:.3f}%)",
                 f"+{_size(r['secagg_extra_up_bytes'])} / +{_size(r['secagg_extra_down_bytes'])}"
@@ -314,6 +317,7 @@ def section_communication(report: dict[str, Any]) -> list[str]:
                 "strategy",
                 "aggregation",
                 "floats up",
+                "floats down",
                 "up",
                 "down",
                 "SecAgg+ extra up / down",
@@ -444,6 +448,44 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
     png = results / "quality.png"
     if png.is_file():
         out += ["", f"![quality]({os.path.relpath(png, readme.parent)})"]
+    return [*out, ""]
+
+
+def section_deployment(report: dict[str, Any]) -> list[str]:
+    out = ["## A deployed round against the same round simulated (`deployment_latency.py`)", ""]
+    out += [
+        f"{report['experiment']}; deployment: {report['deployment']}. Seconds per round from "
+        "the ServerApp's own `metrics.jsonl` (start-up excluded); round 1 also builds the model.",
+        "",
+    ]
+    by = {(r["mode"], r["engine"]): r for r in report["results"]}
+    table = []
+    for mode in dict.fromkeys(r["mode"] for r in report["results"]):
+        dep, sim = by.get((mode, "deployment")), by.get((mode, "simulation"))
+        if not dep or not sim:
+            continue
+        ratio = (
+            f"{dep['later_rounds_mean_s'] / sim['later_rounds_mean_s']:.0f}×"
+            if dep["later_rounds_mean_s"] and sim["later_rounds_mean_s"]
+            else ""
+        )
+        table.append(
+            [
+                mode,
+                f"{dep['later_rounds_mean_s']} s",
+                f"{sim['later_rounds_mean_s']} s",
+                ratio,
+            ]
+        )
+    out.append(_table(["mode", "deployed, rounds 2+", "simulated, rounds 2+", "ratio"], table))
+    imports = report.get("fresh_process_imports", {})
+    if imports:
+        out += [
+            "",
+            f"A fresh ClientApp process (Flower's `--isolation subprocess`, one per message) "
+            f"imports fedpeft's ClientApp in {imports['clientapp_module_s']} s and the training "
+            f"stack in {imports['training_stack_s']} s: that, not the network, is the gap.",
+        ]
     return [*out, ""]
 
 
@@ -593,6 +635,9 @@ def write_report(results: Path, readme: Path) -> list[Path]:
     qual = _load(results, "quality")
     if qual:
         lines += section_quality(qual, results, readme)
+    dep = _load(results, "deployment_latency")
+    if dep:
+        lines += section_deployment(dep)
     readme.parent.mkdir(parents=True, exist_ok=True)
     readme.write_text("\n".join(lines).rstrip() + "\n")
     return plots

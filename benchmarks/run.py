@@ -3,15 +3,15 @@
 ``make bench`` runs the default set (meant to finish in under 20 minutes on 2 cores):
 ``dp_throughput`` (1 repeat), ``secagg_vs_flower`` (1 in-process repeat, one 5-round
 simulation per variant), ``communication`` and ``scale``. ``--full`` runs the long versions
-and adds ``secagg_primitives`` and the quality sweep ``quality.py`` (when present, with its
-defaults).
+and adds ``secagg_primitives``, the quality sweep (``quality.py``, its full defaults) and
+``deployment_latency`` (a real loopback deployment against the same simulated federation).
 ``--quick`` runs every script on its tiny smoke setting. Each script runs in its own process;
 the display shows which one is running, for how long, and its latest output line.
 
 Usage::
 
     python benchmarks/run.py                  # default set, results in benchmarks/results/
-    python benchmarks/run.py --full           # long versions + secagg_primitives + quality
+    python benchmarks/run.py --full           # long versions + primitives, quality, deployment
     python benchmarks/run.py --quick          # smoke settings
     python benchmarks/run.py --only scale     # some benchmarks only
     python benchmarks/run.py --report-only    # README and plots from the JSON already there
@@ -63,6 +63,7 @@ BENCHMARKS = [
     Bench("scale", [], ["--rounds", "6"]),
     Bench("secagg_primitives", None, []),
     Bench("quality", None, [], out_is_folder=True),
+    Bench("deployment_latency", None, []),
 ]
 
 

@@ -7,6 +7,7 @@ never into ``benchmarks/results``. Only the shape of the results is checked, nev
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,8 +116,11 @@ def test_communication(communication_results: Path) -> None:
     for row in report["rows"]:
         assert keys <= set(row)
         assert 0 < row["up_fraction"] < 0.05 and row["down_bytes"] > 0
-        if row["strategy"] == "ffa":  # FFA-LoRA sends B (and the head) only
+        if row["strategy"] == "ffa":  # FFA-LoRA sends B (and the head) only, both ways
             assert row["trained_floats"] < row["adapter_floats"]
+            assert row["down_floats"] == row["trained_floats"]
+        else:  # FedAvg moves A too: after round 1 everything differs from the start
+            assert row["down_floats"] == row["adapter_floats"]
         if row["secure"]:
             assert row["secagg_extra_up_bytes"] > 0 and row["secagg_extra_down_bytes"] > 0
     assert {(r["model"], r["strategy"], r["secure"]) for r in report["rows"]} == {
@@ -183,8 +187,24 @@ def test_runner_report_from_all_quick_results(tmp_path: Path) -> None:
     results.mkdir()
     run_script("secagg_vs_flower.py", "--quick", "--out", str(results / "secagg_vs_flower.json"))
     run_script("scale.py", "--quick", "--out", str(results / "scale.json"))
+    shutil.copy(BENCH / "results" / "deployment_latency.json", results)  # a measured run
     run_script("run.py", "--report-only", "--results", str(results), "--readme", str(readme))
     text = readme.read_text()
     assert "## Secure aggregation" in text and "## Scale" in text and "### Targets" in text
+    assert "## A deployed round against the same round simulated" in text
     assert (results / "scale.png").is_file()
     assert "results/scale.png" in text
+
+
+@pytest.mark.slow
+def test_deployment_latency(tmp_path: Path) -> None:
+    out = tmp_path / "deployment_latency.json"
+    run_script("deployment_latency.py", "--quick", "--out", str(out), timeout=1200)
+    report = load(out)
+    assert [(r["mode"], r["engine"]) for r in report["results"]] == [
+        ("plain", "deployment"),
+        ("plain", "simulation"),
+    ]
+    for row in report["results"]:
+        assert len(row["round_seconds"]) == 2 and all(s > 0 for s in row["round_seconds"])
+    assert report["fresh_process_imports"]["training_stack_s"] > 0
