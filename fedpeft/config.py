@@ -101,10 +101,10 @@ class DataConfig:
 class TrainConfig:
     """Local training at a site, per round."""
 
-    local_steps: int = 10
-    batch_size: int = 32
+    local_steps: int = 5
+    batch_size: int = 64
     eval_batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 2e-3
     # learning rate of the classifier head (null: train.lr); see fedpeft.client.train
     head_lr: float | None = None
     optimizer: str = "adamw"
