@@ -340,7 +340,9 @@ def split_flat(flat: NDArray[np.float32], layout: AdapterLayout) -> dict[str, ND
 def save_adapter(loaded: LoadedModel, flat: NDArray[np.float32], folder: Path) -> None:
     """Write the adapter holding ``flat`` in PEFT format (``PeftModel.from_pretrained``)."""
     set_flat(loaded.peft_model, loaded.layout, flat)
-    loaded.peft_model.save_pretrained(str(folder))
+    # fedpeft never adapts embeddings (Opacus cannot: see fedpeft.privacy.dp), so peft's
+    # "auto" check, which reloads the base config to compare vocabulary sizes, is not needed.
+    loaded.peft_model.save_pretrained(str(folder), save_embedding_layers=False)
 
 
 def count_parameters(model: torch.nn.Module, names: Sequence[str] = ()) -> int:
