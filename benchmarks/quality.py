@@ -19,7 +19,8 @@ does).
 
 Usage::
 
-    python benchmarks/quality.py            # embedded MiniLM + Rotten Tomatoes, 10 sites
+    python benchmarks/quality.py            # embedded MiniLM + Rotten Tomatoes, 10 sites (~50 min
+                                            # on 2 cores: 23 runs of 3 rounds x 3 steps of 64)
     python benchmarks/quality.py --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
 
 Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
@@ -85,12 +86,12 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     return Setting(
         overrides=tuple(overrides),
         sites=args.sites or (3 if quick else 10),
-        rounds=args.rounds or (2 if quick else 5),
-        steps=args.steps or (3 if quick else 10),
+        rounds=args.rounds or (2 if quick else 3),
+        steps=args.steps or 3,
         alpha=args.alpha,
         epsilons=tuple(args.epsilons or ([8.0] if quick else [1.0, 3.0, 8.0])),
         strategies=tuple(args.strategies),
-        eval_examples=args.eval_examples or (120 if quick else 2000),
+        eval_examples=args.eval_examples or (120 if quick else 1000),
         secagg=bool(args.secagg),
         quick=quick,
     )
@@ -374,12 +375,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 sites, 2 rounds, one ε")
     parser.add_argument("--sites", type=int, help="number of sites (default 10; quick 3)")
-    parser.add_argument("--rounds", type=int, help="federation rounds (default 5; quick 2)")
-    parser.add_argument("--steps", type=int, help="local steps per round (default 10; quick 3)")
+    parser.add_argument("--rounds", type=int, help="federation rounds (default 3; quick 2)")
+    parser.add_argument("--steps", type=int, help="local steps per round (default 3)")
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet α (default 0.3)")
     parser.add_argument("--epsilons", type=float, nargs="+", help="ε targets (default 1 3 8)")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--eval-examples", type=int, help="pooled held-out size (default 2000)")
+    parser.add_argument("--eval-examples", type=int, help="pooled held-out size (default 1000)")
     parser.add_argument("--max-examples", type=int, help="cap on the dataset before splitting")
     parser.add_argument("--accountant", choices=("prv", "rdp"), help="default prv; quick rdp")
     parser.add_argument("--secagg", action="store_true", help="federations use SecAgg+")
