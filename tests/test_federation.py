@@ -17,9 +17,8 @@ from fedpeft.model import build_model
 from fedpeft.server.app import Federation, run_federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
-from fedpeft.testing import write_classification_csv
+from fedpeft.testing import InProcessGrid, Tamper, write_classification_csv
 from tests.conftest import tiny_config
-from tests.inprocess import InProcessGrid, Tamper
 
 
 def _grid(

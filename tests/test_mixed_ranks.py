@@ -34,9 +34,8 @@ from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.validation import ReplyRejected, check_train_reply
-from fedpeft.testing import write_classification_csv
+from fedpeft.testing import InProcessGrid, write_classification_csv
 from tests.conftest import tiny_config
-from tests.inprocess import InProcessGrid
 
 NODES = (11, 22, 33)
 RANKS = {11: 8, 22: 4, 33: 2}
@@ -164,7 +163,13 @@ def test_plain_mean_is_the_per_slot_weighted_mean(plain_round: Round) -> None:
     assert plain_round.outcome.mean_delta is not None
     got = split_flat(plain_round.outcome.mean_delta, trained)
     for name in trained.names:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-9)
+        # The mean is summed in float32: a slot where the sites' deltas nearly cancel keeps an
+        # absolute error of a few float32 ulps of the terms, not of the (small) result.
+        scale = max(
+            float(np.abs(d[name]).max())
+            for d in map(lambda f: split_flat(f, trained), plain_round.deltas.values())
+        )
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6 * scale)
     # The plain mean of padded deltas would halve slots 4-7, which only site 11 trains.
     b = next(n for n in trained.names if ".lora_B." in n)
     np.testing.assert_allclose(

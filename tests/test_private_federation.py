@@ -14,8 +14,7 @@ from fedpeft.client.app import make_client_app
 from fedpeft.config import FedPeftConfig, compose_config
 from fedpeft.privacy.calibration import compute_epsilon
 from fedpeft.server.app import run_federation
-from fedpeft.testing import write_classification_csv
-from tests.inprocess import InProcessGrid
+from fedpeft.testing import InProcessGrid, write_classification_csv
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),

@@ -23,8 +23,7 @@ from fedpeft.config import compose_config
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
-from fedpeft.testing import write_classification_csv
-from tests.inprocess import InProcessGrid
+from fedpeft.testing import InProcessGrid, write_classification_csv
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),

@@ -18,8 +18,7 @@ from fedpeft.client.app import make_client_app
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config, read_run_config
 from fedpeft.server.app import run_federation
 from fedpeft.server.rundir import RunDir
-from fedpeft.testing import write_classification_csv
-from tests.inprocess import InProcessGrid
+from fedpeft.testing import InProcessGrid, write_classification_csv
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),

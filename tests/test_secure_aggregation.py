@@ -32,9 +32,8 @@ from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation, payload_bytes
-from fedpeft.testing import write_classification_csv
+from fedpeft.testing import InProcessGrid, Tamper, write_classification_csv
 from tests.conftest import tiny_config
-from tests.inprocess import InProcessGrid, Tamper
 
 NODES = (11, 22, 33)
 SIZES = {11: 60, 22: 90, 33: 120}  # unequal, so the uniform and weighted means differ
