@@ -1,5 +1,6 @@
 """The ``fedpeft`` command: ``simulate`` a federation, ``export`` its adapter, make ``certs``
-and ``keys`` for a real deployment (:mod:`fedpeft.deploy`).
+and ``keys`` for a real deployment (:mod:`fedpeft.deploy`), and serve a site's SuperNode
+with a long-lived ClientApp ``worker`` (:mod:`fedpeft.client.worker`).
 
 Hydra overrides are the trailing ``key=value`` words of ``fedpeft simulate``; they are
 composed over ``conf/`` by :func:`fedpeft.config.compose_config`, which fails at once on
@@ -87,6 +88,38 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedpeft.client.worker import Worker
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
+    if args.poll_interval <= 0:
+        raise ConfigError(f"--poll-interval {args.poll_interval} must be > 0 seconds, e.g. 0.05")
+    stats = Worker(args.runtime_api, poll_interval=args.poll_interval).serve(
+        max_tasks=args.max_tasks
+    )
+    print(f"served {stats.completed} tasks ({stats.failed} failed)")
+    return 0
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    from fedpeft.client.supernode import run
+
+    if not 0 < args.poll_interval <= 3:
+        raise ConfigError(
+            f"--poll-interval {args.poll_interval} must be in (0, 3] seconds, e.g. 0.1"
+        )
+    flower_args = list(args.flower_args)
+    if flower_args[:1] == ["--"]:
+        flower_args = flower_args[1:]
+    run(flower_args, poll_interval=args.poll_interval)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--name", action="append", help="a site's name (repeatable)")
     keys.add_argument("--force", action="store_true", help="overwrite existing files")
     keys.set_defaults(func=_keys)
+    worker = sub.add_parser(
+        "worker",
+        help="run a SuperNode's ClientApp tasks in one long-lived process "
+        "(flower-supernode --isolation process)",
+    )
+    worker.add_argument(
+        "--runtime-api",
+        default="127.0.0.1:9094",
+        help="the SuperNode's runtime API, HOST:PORT (flower-supernode --port; default "
+        "127.0.0.1:9094)",
+    )
+    worker.add_argument(
+        "--poll-interval", type=float, default=0.05, help="seconds between task polls (0.05)"
+    )
+    worker.add_argument("--max-tasks", type=int, help="exit after this many tasks (tests)")
+    worker.set_defaults(func=_worker)
+    node = sub.add_parser(
+        "supernode",
+        help="Flower's flower-supernode with its fixed 3 s / 0.5 s waits shortened",
+    )
+    node.add_argument(
+        "--poll-interval", type=float, default=0.1, help="longest wait in seconds (0.1)"
+    )
+    node.add_argument(
+        "flower_args",
+        nargs=argparse.REMAINDER,
+        help="flower-supernode's own arguments, after --",
+    )
+    node.set_defaults(func=_supernode)
     return parser
 
 

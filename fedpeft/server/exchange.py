@@ -7,10 +7,19 @@ module pushes and pulls through the public ``Grid`` API instead, polling every
 :data:`POLL_INTERVAL_S`. :class:`PollingGrid` wraps any grid with that ``send_and_receive``, so
 the round loop and both aggregations keep calling ``grid.send_and_receive`` and need not know
 whether they run deployed, simulated or in a test.
+
+A reply can be listed before its arrays are stored at the SuperLink (a SuperNode sends the
+message, then its objects); the deployed grid then retries the object pull after a fixed
+1 s, doubling (``flwr.supercore.inflatable.inflatable_utils.PULL_INITIAL_BACKOFF``, bound as
+a default argument). :class:`PollingGrid` rebinds the grid module's ``pull_objects`` with a
+first retry of :data:`OBJECT_RETRY_S` (:func:`shorten_object_retry`): a Flower internal,
+applied only where the module has that name, and only in the ServerApp's own process.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from collections.abc import Iterable
 
@@ -19,11 +28,30 @@ from flwr.proto.node_pb2 import NodeInfo  # the type Grid.get_nodes returns
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-__all__ = ["POLL_INTERVAL_S", "PollingGrid", "exchange"]
+__all__ = ["OBJECT_RETRY_S", "POLL_INTERVAL_S", "PollingGrid", "exchange", "shorten_object_retry"]
 
 #: Seconds between pulls: the interval of Flower's own in-memory (simulation) grid. One pull
 #: is one small HTTP request to the SuperLink; the wait after the last reply averages half this.
 POLL_INTERVAL_S = 0.1
+#: First retry, in seconds, of a reply's object that is listed but not stored yet.
+OBJECT_RETRY_S = 0.02
+
+
+def shorten_object_retry(grid: Grid) -> bool:
+    """Rebind ``pull_objects`` in ``grid``'s module with a first retry of OBJECT_RETRY_S.
+
+    Returns whether the module had a ``pull_objects`` to rebind (the deployed grid does; the
+    simulation's and the tests' grids hold replies in memory and do not).
+    """
+    module = sys.modules.get(type(grid).__module__)
+    pull = getattr(module, "pull_objects", None)
+    if module is None or pull is None:
+        return False
+    if not isinstance(pull, functools.partial):
+        module.pull_objects = functools.partial(  # type: ignore[attr-defined]
+            pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=0.2
+        )
+    return True
 
 
 def exchange(
@@ -73,6 +101,7 @@ class PollingGrid(Grid):
     def __init__(self, grid: Grid, *, poll_interval: float = POLL_INTERVAL_S) -> None:
         self.grid = grid
         self.poll_interval = poll_interval
+        shorten_object_retry(grid)
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
