@@ -149,7 +149,12 @@ class PlainAggregation(Aggregation):
     def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
         content = train_content(request)
         messages = [
-            Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+            Message(
+                content=content,
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+                group_id=str(request.round_number),  # Flower logs it: "[RUN r, ROUND g]"
+            )
             for n in request.nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=request.timeout))

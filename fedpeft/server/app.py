@@ -100,8 +100,16 @@ def sample_nodes(
     return sorted(int(nodes[int(i)]) for i in picks)
 
 
-def _messages(nodes: Sequence[int], content: RecordDict, message_type: str) -> list[Message]:
-    return [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
+def _messages(
+    nodes: Sequence[int], content: RecordDict, message_type: str, *, round_number: int
+) -> list[Message]:
+    """One message per node, grouped by round (Flower's logs show it as ``ROUND``)."""
+    return [
+        Message(
+            content=content, dst_node_id=n, message_type=message_type, group_id=str(round_number)
+        )
+        for n in nodes
+    ]
 
 
 class Federation:
@@ -246,7 +254,8 @@ class Federation:
         broadcast = self.broadcast()
         content = adapter_content(self.global_flat, broadcast, {K.CFG_ROUND: round_number})
         replies = self.grid.send_and_receive(
-            _messages(chosen, content, MessageType.EVALUATE), timeout=fed.round_timeout
+            _messages(chosen, content, MessageType.EVALUATE, round_number=round_number),
+            timeout=fed.round_timeout,
         )
         losses, accs, weights = [], [], []
         for reply in replies:
@@ -306,8 +315,12 @@ class Federation:
                 break
             sampled = sample_nodes(self.rng, usable, fraction=fed.fraction, minimum=fed.min_sites)
             row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
+            phases = {"nodes": time.perf_counter() - start}
             row.update(self.train_round(round_number, sampled))
+            phases["train"] = time.perf_counter() - start - sum(phases.values())
             row.update(self.evaluate_round(round_number, usable))
+            phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
+            row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
             self.privacy.observe(round_number, row["site_metrics"], row["failures"])
             epsilons = self.privacy.epsilons()
             row["epsilon"] = epsilons

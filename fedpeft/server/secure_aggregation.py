@@ -163,7 +163,14 @@ class _Exchanges:
             content = RecordDict({**(extra or {}), K.SECAGG: ConfigRecord(dict(wire.fields))})
             self.bytes_down += payload_bytes(content)
             message_type = f"{MessageType.TRAIN}.{action}"
-            messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=node,
+                    message_type=message_type,
+                    group_id=str(self.round_number),
+                )
+            )
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         where = f"round {self.round_number} {action}"
         answered, accepted = set(), set()
