@@ -126,13 +126,18 @@ class LoopbackDeployment:
         ``fedpeft keys``); ``False`` runs an ``--insecure`` SuperLink without authentication.
     env : dict
         Extra environment for every process (e.g. ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+    fast_polls : bool
+        SuperNodes as ``fedpeft supernode --poll-interval 0.1`` (Flower's SuperNode with its
+        fixed waits shortened) rather than Flower's ``flower-supernode``.
     """
 
     root: Path
     secure: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    fast_polls: bool = True
     port: int = 0
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    named: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -169,7 +174,15 @@ class LoopbackDeployment:
                 start_new_session=True,
             )
         self.processes.append(proc)
+        self.named[name] = proc
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process started as ``name`` and what it started: a crash, not a stop."""
+        proc = self.named[name]
+        for pid in [*descendants(proc.pid), proc.pid]:
+            _signal(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
         """``flwr ARGS --format json``; the parsed JSON answer."""
@@ -189,6 +202,14 @@ class LoopbackDeployment:
                 f"{done.stderr.decode(errors='replace')[-2000:]}"
             )
         return answer
+
+    def run_log(self, run_id: int) -> str:
+        """What the run's ServerApp printed and logged (``flwr log RUN_ID --show``)."""
+        command = [str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--show"]
+        done = subprocess.run(
+            command, cwd=ROOT, env=self.environ, capture_output=True, timeout=120, check=False
+        )
+        return done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
 
     def start_superlink(self, *, isolation: str = "subprocess") -> None:
         command = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port)]
@@ -232,10 +253,19 @@ class LoopbackDeployment:
         root_certificates: Path | None = None,
         insecure: bool = False,
         give_up_after: float | None = None,
+        runtime_port: int | None = None,
+        isolation: str = "subprocess",
     ) -> subprocess.Popen[bytes]:
-        """``flower-supernode`` for one site; ``give_up_after`` bounds its connection retries."""
-        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
-        command += ["--port", str(free_port())]  # its own runtime API (default 9094 is shared)
+        """``flower-supernode`` for one site; ``give_up_after`` bounds its connection retries.
+
+        ``isolation="process"`` starts no executor: a ``fedpeft worker`` serves its tasks.
+        """
+        command = [str(BIN / "flower-supernode")]
+        if self.fast_polls:
+            command = [str(BIN / "fedpeft"), "supernode", "--poll-interval", "0.1", "--"]
+        command += ["--superlink", f"127.0.0.1:{self.port}"]
+        # its own runtime API (Flower's default 9094 would be shared by every site here)
+        command += ["--port", str(runtime_port or free_port()), "--isolation", isolation]
         if insecure:
             command.append("--insecure")
         else:
@@ -248,8 +278,20 @@ class LoopbackDeployment:
             command += ["--max-retries", "3", "--max-wait-time", str(give_up_after)]
         return self._start(f"supernode-{name}", command)
 
-    def start_site(self, site: SiteFiles, **node_settings: str | float) -> subprocess.Popen[bytes]:
-        """A registered site's SuperNode, as the README shows it."""
+    def start_site(
+        self,
+        site: SiteFiles,
+        *,
+        worker: bool = True,
+        worker_command: list[str] | None = None,
+        **node_settings: str | float,
+    ) -> subprocess.Popen[bytes]:
+        """A registered site's SuperNode, as the README shows it.
+
+        With ``worker`` (the README's way) the SuperNode runs ``--isolation process`` and a
+        ``fedpeft worker`` process serves its ClientApp tasks with the model kept loaded;
+        without, Flower starts a fresh ClientApp process per message.
+        """
         settings: dict[str, str | float] = {
             "data-path": str(site.data),
             "ledger-path": str(site.ledger),
@@ -258,12 +300,30 @@ class LoopbackDeployment:
         node_config = " ".join(
             f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in settings.items()
         )
-        return self.start_supernode(
+        runtime_port = free_port()
+        node = self.start_supernode(
             site.name,
             node_config=node_config,
             private_key=site.private_key if self.secure else None,
             insecure=not self.secure,
+            runtime_port=runtime_port,
+            isolation="process" if worker else "subprocess",
         )
+        if worker:
+            self.start_worker(site.name, runtime_port, command=worker_command)
+        return node
+
+    def start_worker(
+        self, name: str, runtime_port: int, *, command: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``fedpeft worker`` (or ``command`` + the address) for the SuperNode whose runtime
+        API listens on ``runtime_port``."""
+        address = f"127.0.0.1:{runtime_port}"
+        if command is None:
+            command = [str(BIN / "fedpeft"), "worker", "--runtime-api", address]
+        else:
+            command = [*command, address]
+        return self._start(f"worker-{name}", command)
 
     def online_nodes(self) -> list[int]:
         answer = self.flwr("supernode", "ls", CONNECTION)

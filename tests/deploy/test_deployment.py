@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedpeft import constants as K
 from fedpeft.config import from_yaml
 from fedpeft.deploy import make_certificates, make_site_keys
 from fedpeft.server.rundir import RunDir
@@ -45,11 +48,18 @@ def _data(root: Path) -> list[Path]:
     return [write_classification_csv(root / f"{n}.csv", n=64, seed=i) for i, n in enumerate(SITES)]
 
 
-def _start_sites(dep: LoopbackDeployment, root: Path) -> list[Any]:
+def _start_sites(
+    dep: LoopbackDeployment, root: Path, workers: dict[str, list[str]] | None = None
+) -> list[Any]:
+    """Start the SuperLink and the three sites; ``workers`` gives a site its own worker."""
     dep.start_superlink()
     sites = dep.make_sites(list(SITES), _data(root / "data"))
     for site in sites:
-        dep.start_site(site, **{"privacy-epsilon-max": 8.0, "device": "auto"})
+        dep.start_site(
+            site,
+            worker_command=(workers or {}).get(site.name),
+            **{"privacy-epsilon-max": 8.0, "device": "auto"},
+        )
     dep.wait_online(len(SITES), timeout=120)
     return sites
 
@@ -178,3 +188,67 @@ def test_killed_serverapp_resumes_without_charging_a_round_twice(tmp_path: Path)
             (federation_id, 1),
             (federation_id, 2),
         ]
+
+
+def _tasks_done(dep: LoopbackDeployment, site: str, what: str) -> bool:
+    log = dep.logs[f"worker-{site}"]
+    return log.is_file() and what in log.read_text(errors="replace")
+
+
+def test_a_site_killed_mid_round_is_recovered_by_secure_aggregation(tmp_path: Path) -> None:
+    with LoopbackDeployment(tmp_path, env=ENV) as dep:
+        sites = _start_sites(dep, tmp_path)
+        run_dir = tmp_path / "run"
+        run_id = dep.submit(
+            f"{BASE} secagg.enabled=true federation.rounds=3 secagg.stage_timeout=20 "
+            f"output_dir={run_dir}"
+        )
+        # site-3 dies in round 2 after it sent its encrypted shares, before its masked
+        # update: the other two must reveal its secrets' shares to unmask the sum.
+        deadline = time.monotonic() + 300
+        shared = f"round 2 train.{K.SECAGG_SHARE_KEYS} task:"
+        while not _tasks_done(dep, "site-3", shared):
+            assert time.monotonic() < deadline, dep.tail()
+            time.sleep(0.1)
+        dep.kill("worker-site-3")
+        dep.kill("supernode-site-3")
+        record = dep.wait_run(run_id, timeout=400, ready=lambda: _rounds_done(run_dir) == 3)
+        assert record["status"] == "finished:completed", dep.tail()
+
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["sites_replied"] == 3
+    assert rows[1]["sites_replied"] == 2 and rows[1]["sites_dropped"] >= 1
+    assert all(r["updated"] and r["secagg"] and np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[2]["sites_replied"] == 2
+    federation_id = json.loads((run_dir / "federation.json").read_text())["federation_id"]
+    charged = {s.name: [(e["run_id"], e["round"]) for e in _ledger(s.ledger)] for s in sites}
+    assert charged["site-1"] == charged["site-2"] == [(federation_id, r) for r in (1, 2, 3)]
+    assert charged["site-3"] == [(federation_id, 1)]  # killed before it trained in round 2
+
+
+def test_a_malformed_update_over_the_wire_is_rejected_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    tampering = [sys.executable, str(Path(__file__).with_name("tampering_worker.py"))]
+    with LoopbackDeployment(tmp_path, env=ENV) as dep:
+        _start_sites(dep, tmp_path, workers={"site-3": tampering})
+        run_dir = tmp_path / "run"
+        run_id = dep.submit(f"{BASE} output_dir={run_dir}")
+        record = dep.wait_run(run_id, timeout=300, ready=lambda: _rounds_done(run_dir) == 2)
+        assert record["status"] == "finished:completed", dep.tail()
+        log = dep.logs["supernode-site-3"].read_text(errors="replace")
+        tamperer = re.search(r"SuperNode ID: (\d+)", log)
+        assert tamperer is not None, log[-2000:]
+        server_log = dep.run_log(run_id)
+        assert server_log.count(f"update rejected: node {tamperer.group(1)}") == 2, server_log
+
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for row, why in zip(rows, ("non-finite values", "vector of shape"), strict=True):
+        assert row["sites_replied"] == 2 and row["sites_failed"] == 1 and row["updated"]
+        assert list(row["failures"]) == [tamperer.group(1)]
+        failure = row["failures"][tamperer.group(1)]
+        assert failure.startswith(f"rejected: node {tamperer.group(1)}") and why in failure
+    checkpoint = RunDir(run_dir).latest_checkpoint()
+    assert checkpoint is not None and np.all(np.isfinite(checkpoint.global_flat))
