@@ -1,26 +1,33 @@
 """Seconds per round: a real deployment on loopback against the same federation simulated.
 
 The deployment is Flower's own (``flower-superlink`` with TLS and SuperNode authentication,
-three ``flower-supernode`` processes, ``flwr run``), started by
-:class:`tests.deploy.harness.LoopbackDeployment` exactly as the README's "Run a real
-federation" section shows; the simulation is ``fedpeft simulate`` with the same overrides
-(one CSV split IID into three sites of the same size). Both run the tiny classification
-experiment (random tiny BERT, LoRA, 3 local steps, evaluation every round), without and with
-secure aggregation. A round's seconds are the ServerApp's own figure in ``metrics.jsonl``
-(training exchange(s) plus evaluation), so start-up is excluded; round 1 also pays for the
-first model build, so later rounds are reported apart.
+three SuperNodes, ``flwr run``), started by :class:`tests.deploy.harness.LoopbackDeployment`
+exactly as the README's "Run a real federation" section shows, in two ways:
 
-Settings of the deployment: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2`` (Flower's only public
-poll setting, default 1 s), the ServerApp's 0.1 s pull interval (``fedpeft.server.exchange``)
-and the ClientApp's lazy imports are fedpeft's defaults. The time needed to import a
-ClientApp process's code, light (key-exchange stages) and full (training), is measured too:
-under ``--isolation subprocess`` every message pays one of them.
+- ``flower-default``: ``flower-supernode`` in its default ``--isolation subprocess``, which
+  starts a fresh ClientApp process for every message (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
+  0.2 s, Flower's only public poll setting);
+- ``fedpeft-worker``: the README's way: ``fedpeft supernode`` (Flower's SuperNode with its
+  fixed 3 s / 0.5 s waits capped at 0.1 s) with ``--isolation process`` and one
+  ``fedpeft worker`` per site, which keeps torch and the model loaded across messages.
+
+The simulation is ``fedpeft simulate`` with the same overrides (one CSV split IID into three
+sites of the same size). All run the tiny classification experiment (random tiny BERT, LoRA,
+3 local steps, evaluation every round), without and with secure aggregation. A round's
+seconds are the ServerApp's own figure in ``metrics.jsonl`` (start-up excluded), with its
+phases (train exchange(s), evaluation); round 1 also pays for the first model build, so
+later rounds are reported apart. For the worker, the sites' own share of each task (pulling
+the message, the app, pushing the reply) comes from the workers' logs: the rest of an
+exchange is Flower's messaging (HTTP requests between ServerApp, SuperLink, SuperNode and
+worker). The time a fresh ClientApp process needs to import fedpeft's code, light
+(key-exchange stages) and full (training), is measured too: under Flower's default every
+message pays one of them.
 
 Usage::
 
-    python benchmarks/deployment_latency.py              # 3 rounds, plain and secure
+    python benchmarks/deployment_latency.py              # 3 rounds, plain and secure, all engines
     python benchmarks/deployment_latency.py --rounds 2 --modes plain
-    python benchmarks/deployment_latency.py --quick      # 2 rounds, plain only
+    python benchmarks/deployment_latency.py --quick      # 2 rounds, plain, worker vs simulation
 
 Writes ``benchmarks/results/deployment_latency.json``.
 """
@@ -31,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -49,6 +57,11 @@ SITES = ("site-1", "site-2", "site-3")
 ROWS_PER_SITE = 64
 OUT = ROOT / "benchmarks" / "results" / "deployment_latency.json"
 ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+ENGINES = ("flower-default", "fedpeft-worker", "simulation")
+TASK_LINE = re.compile(
+    r"round (?P<round>\d+) \S+ task: (?P<task>[\d.]+) s \(pull (?P<pull>[\d.]+), "
+    r"app (?P<app>[\d.]+), push (?P<push>[\d.]+)\)"
+)
 
 
 def _overrides(mode: str, rounds: int, data: Path, run_dir: Path) -> str:
@@ -59,12 +72,24 @@ def _overrides(mode: str, rounds: int, data: Path, run_dir: Path) -> str:
     )
 
 
-def _round_seconds(run_dir: Path) -> list[float]:
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [float(json.loads(line)["seconds"]) for line in lines if line.strip()]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
-def deployed(mode: str, rounds: int, scratch: Path) -> list[float]:
+def _task_seconds(logs: list[Path]) -> dict[str, float]:
+    """Mean per-task seconds (pull, app, push) of rounds 2+ from the workers' logs."""
+    parts: dict[str, list[float]] = {"task": [], "pull": [], "app": [], "push": []}
+    for log in logs:
+        for match in TASK_LINE.finditer(log.read_text(errors="replace")):
+            if int(match["round"]) < 2:
+                continue
+            for key in parts:
+                parts[key].append(float(match[key]))
+    return {k: round(statistics.mean(v), 3) for k, v in parts.items() if v}
+
+
+def deployed(mode: str, rounds: int, scratch: Path, *, worker: bool) -> dict[str, Any]:
     data = scratch / "data"
     data.mkdir(parents=True)
     files = [
@@ -72,25 +97,25 @@ def deployed(mode: str, rounds: int, scratch: Path) -> list[float]:
         for i, n in enumerate(SITES)
     ]
     run_dir = scratch / "run"
-    with LoopbackDeployment(scratch / "deployment", env=ENV) as dep:
+    with LoopbackDeployment(scratch / "deployment", env=ENV, fast_polls=worker) as dep:
         dep.start_superlink()
         for site in dep.make_sites(list(SITES), files):
-            dep.start_site(site, device="auto")
+            dep.start_site(site, worker=worker, device="auto")
         dep.wait_online(len(SITES), timeout=180)
         run_id = dep.submit(_overrides(mode, rounds, Path("/sites-own/data.csv"), run_dir))
         record = dep.wait_run(
             run_id,
             timeout=300 + 300 * rounds,
-            ready=lambda: (
-                (run_dir / "metrics.jsonl").is_file() and len(_round_seconds(run_dir)) == rounds
-            ),
+            ready=lambda: (run_dir / "metrics.jsonl").is_file() and len(_rows(run_dir)) == rounds,
         )
         if record["status"] != "finished:completed":
             raise RuntimeError(f"deployed {mode} run ended {record['status']}\n{dep.tail()}")
-    return _round_seconds(run_dir)
+        logs = [p for n, p in dep.logs.items() if n.startswith("worker-")]
+        tasks = _task_seconds(logs) if worker else {}
+    return {**_summary(_rows(run_dir)), **({"site_task_s": tasks} if tasks else {})}
 
 
-def simulated(mode: str, rounds: int, scratch: Path) -> list[float]:
+def simulated(mode: str, rounds: int, scratch: Path) -> dict[str, Any]:
     scratch.mkdir(parents=True)
     data = write_classification_csv(scratch / "all.csv", n=ROWS_PER_SITE * len(SITES), seed=0)
     run_dir = scratch / "run"
@@ -98,7 +123,7 @@ def simulated(mode: str, rounds: int, scratch: Path) -> list[float]:
     command += _overrides(mode, rounds, data, run_dir).split()
     env = offline_env()
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
-    return _round_seconds(run_dir)
+    return _summary(_rows(run_dir))
 
 
 def import_seconds(code: str, repeats: int = 3) -> float:
@@ -111,12 +136,18 @@ def import_seconds(code: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def summary(seconds: list[float]) -> dict[str, Any]:
-    later = seconds[1:]
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    seconds = [float(r["seconds"]) for r in rows]
+    later = rows[1:]
+    phases = {
+        k: round(statistics.mean(float(r["phase_seconds"][k]) for r in later), 3)
+        for k in (later[0]["phase_seconds"] if later else {})
+    }
     return {
         "round_seconds": [round(s, 2) for s in seconds],
         "first_round_s": round(seconds[0], 2),
-        "later_rounds_mean_s": round(statistics.mean(later), 2) if later else None,
+        "later_rounds_mean_s": round(statistics.mean(seconds[1:]), 3) if later else None,
+        "later_phase_s": phases,
     }
 
 
@@ -124,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
     parser.add_argument("--modes", nargs="+", default=["plain", "secure"])
-    parser.add_argument("--quick", action="store_true", help="2 rounds, plain only (smoke)")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds, plain, worker vs simulation (smoke)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.quick:
@@ -132,13 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 also builds the model")
     load_before = os.getloadavg()
+    engines = ENGINES[1:] if args.quick else ENGINES
     results = []
     with tempfile.TemporaryDirectory(prefix="fedpeft-latency-") as tmp:
         for mode in args.modes:
-            for engine, run in (("deployment", deployed), ("simulation", simulated)):
+            for engine in engines:
                 start = time.perf_counter()
-                seconds = run(mode, args.rounds, Path(tmp) / f"{mode}-{engine}")
-                row = {"mode": mode, "engine": engine, **summary(seconds)}
+                scratch = Path(tmp) / f"{mode}-{engine}"
+                if engine == "simulation":
+                    row = simulated(mode, args.rounds, scratch)
+                else:
+                    row = deployed(mode, args.rounds, scratch, worker=engine == "fedpeft-worker")
+                row = {"mode": mode, "engine": engine, **row}
                 row["wall_s"] = round(time.perf_counter() - start, 1)
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -152,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "what": "seconds per round, 3 tiny sites on loopback: Flower deployment vs simulation",
         "experiment": "tiny_classification (tiny BERT, LoRA, 3 local steps, evaluation on)",
-        "deployment": "TLS + SuperNode auth, --isolation subprocess, "
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2, ServerApp pull every 0.1 s",
+        "deployment": "TLS + SuperNode auth, ServerApp pull every 0.1 s; flower-default: "
+        "flower-supernode --isolation subprocess, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2; "
+        "fedpeft-worker: fedpeft supernode (waits <= 0.1 s) --isolation process + fedpeft worker",
         "rounds": args.rounds,
         "results": results,
         "fresh_process_imports": {k: round(v, 2) for k, v in imports.items()},

@@ -202,9 +202,12 @@ def test_deployment_latency(tmp_path: Path) -> None:
     run_script("deployment_latency.py", "--quick", "--out", str(out), timeout=1200)
     report = load(out)
     assert [(r["mode"], r["engine"]) for r in report["results"]] == [
-        ("plain", "deployment"),
+        ("plain", "fedpeft-worker"),
         ("plain", "simulation"),
     ]
     for row in report["results"]:
         assert len(row["round_seconds"]) == 2 and all(s > 0 for s in row["round_seconds"])
+        assert set(row["later_phase_s"]) == {"nodes", "train", "evaluate"}
+    task = report["results"][0]["site_task_s"]  # parsed from the workers' logs
+    assert 0 < task["app"] < task["task"]
     assert report["fresh_process_imports"]["training_stack_s"] > 0
