@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedpeft import constants as K
-from fedpeft.config import from_yaml
+from fedpeft.client.app import make_client_app
+from fedpeft.config import compose_config, from_yaml
 from fedpeft.deploy import make_certificates, make_site_keys
+from fedpeft.server.app import run_federation
 from fedpeft.server.rundir import RunDir
-from fedpeft.testing import write_classification_csv
+from fedpeft.testing import InProcessGrid, write_classification_csv
 from tests.deploy.harness import LoopbackDeployment, descendants
 
 pytestmark = pytest.mark.slow
@@ -154,9 +158,51 @@ def _serverapp_pids(dep: LoopbackDeployment) -> list[int]:
     return found
 
 
+def _node_ids(dep: LoopbackDeployment) -> dict[str, int]:
+    """Site name → its SuperNode's id, from the SuperNodes' logs."""
+    found = {}
+    for site in SITES:
+        log = dep.logs[f"supernode-{site}"].read_text(errors="replace")
+        match = re.search(r"SuperNode ID: (\d+)", log)
+        assert match is not None, log[-2000:]
+        found[site] = int(match.group(1))
+    return found
+
+
+def _uncrashed_reference(
+    root: Path, sites: list[Any], node_ids: dict[str, int], federation_id: str
+) -> RunDir:
+    """The same federation run in this process without a crash.
+
+    Same federation id, node ids, data files, configuration and site secrets (beside the
+    ledgers): the sites draw the same DP noise, so the result must be the same.
+    """
+    ledgers = root / "reference-ledgers"
+    ledgers.mkdir()
+    for site in sites:
+        secret = site.ledger.with_name(site.ledger.name + ".secret")
+        shutil.copy2(secret, ledgers / secret.name)
+    config = compose_config(BASE.split())
+    node_configs = {
+        node_ids[site.name]: {
+            K.NODE_DATA_PATH: str(site.data),
+            K.NODE_LEDGER_PATH: str(ledgers / site.ledger.name),
+            K.NODE_EPSILON_MAX: 8.0,
+            K.NODE_DEVICE: "auto",
+        }
+        for site in sites
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fedpeft.server.app.uuid.uuid4", lambda: uuid.UUID(hex=federation_id))
+        grid = InProcessGrid(make_client_app(config), node_configs)
+        run_federation(grid, config, run_dir=root / "reference")
+    return RunDir(root / "reference")
+
+
 def test_killed_serverapp_resumes_without_charging_a_round_twice(tmp_path: Path) -> None:
     with LoopbackDeployment(tmp_path, env=ENV) as dep:
         sites = _start_sites(dep, tmp_path)
+        node_ids = _node_ids(dep)
         run_dir = tmp_path / "run"
         overrides = f"{BASE} output_dir={run_dir}"
         first = dep.submit(overrides)
@@ -188,6 +234,15 @@ def test_killed_serverapp_resumes_without_charging_a_round_twice(tmp_path: Path)
             (federation_id, 1),
             (federation_id, 2),
         ]
+
+    # The result a run without the crash gives: the same federation, uninterrupted.
+    reference = _uncrashed_reference(tmp_path, sites, node_ids, federation_id)
+    resumed, expected = RunDir(run_dir).latest_checkpoint(), reference.latest_checkpoint()
+    assert resumed is not None and expected is not None and expected.round == 2
+    np.testing.assert_allclose(resumed.global_flat, expected.global_flat, rtol=0, atol=1e-6)
+    for got, want in zip(rows, reference.read_metrics(), strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-9)
 
 
 def _tasks_done(dep: LoopbackDeployment, site: str, what: str) -> bool:
