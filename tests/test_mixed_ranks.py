@@ -162,13 +162,11 @@ def test_plain_mean_is_the_per_slot_weighted_mean(plain_round: Round) -> None:
     )
     assert plain_round.outcome.mean_delta is not None
     got = split_flat(plain_round.outcome.mean_delta, trained)
+    sites = [split_flat(flat, trained) for flat in plain_round.deltas.values()]
     for name in trained.names:
         # The mean is summed in float32: a slot where the sites' deltas nearly cancel keeps an
         # absolute error of a few float32 ulps of the terms, not of the (small) result.
-        scale = max(
-            float(np.abs(d[name]).max())
-            for d in map(lambda f: split_flat(f, trained), plain_round.deltas.values())
-        )
+        scale = max(float(np.abs(site[name]).max()) for site in sites)
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6 * scale)
     # The plain mean of padded deltas would halve slots 4-7, which only site 11 trains.
     b = next(n for n in trained.names if ".lora_B." in n)
