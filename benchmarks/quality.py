@@ -22,6 +22,7 @@ Usage::
     python benchmarks/quality.py            # embedded MiniLM + Rotten Tomatoes, 10 sites (~50 min
                                             # on 2 cores: 23 runs of 3 rounds x 3 steps of 64)
     python benchmarks/quality.py --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
+    python benchmarks/quality.py --strategies ffa --epsilons 8 --set privacy.max_grad_norm=3
 
 Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
 with the ceiling and the floor), prints a table, and one line per finished configuration.
@@ -48,7 +49,7 @@ import torch
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.client.train import evaluate_local
-from fedpeft.config import FedPeftConfig, compose_config
+from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.data import load_dataset, partition_dataset, split_site, tokenize
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
@@ -83,6 +84,7 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     if args.max_examples is not None:
         overrides.append(f"data.max_examples={args.max_examples}")
     overrides.append(f"privacy.accountant={args.accountant or ('rdp' if quick else 'prv')}")
+    overrides.extend(args.set or ())  # last: a user's --set wins over the defaults above
     return Setting(
         overrides=tuple(overrides),
         sites=args.sites or (3 if quick else 10),
@@ -312,6 +314,8 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
             "epsilons": list(setting.epsilons),
             "delta": "1/(10·N) per site",
             "accountant": config.privacy.accountant,
+            "max_grad_norm": config.privacy.max_grad_norm,
+            "overrides": list(setting.overrides),
             "secagg": setting.secagg,
             "train_examples": sum(pool.site_sizes),
             "site_sizes": pool.site_sizes,
@@ -385,8 +389,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--accountant", choices=("prv", "rdp"), help="default prv; quick rdp")
     parser.add_argument("--secagg", action="store_true", help="federations use SecAgg+")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON and PNG")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a Hydra override for every configuration, e.g. privacy.max_grad_norm=3 "
+        "(repeatable; recorded in the JSON)",
+    )
     args = parser.parse_args(argv)
+    bad = [o for o in args.set or () if "=" not in o.strip("=")]
+    if bad:
+        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. privacy.max_grad_norm=3")
     setting = setting_from_args(args)
+    try:
+        compose(setting)  # an unknown key or a bad value fails here, before any data is split
+    except ConfigError as err:
+        parser.error(str(err))
     datasets.disable_progress_bars()  # one line per configuration is the progress display
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedpeft-quality-") as work, warnings.catch_warnings():

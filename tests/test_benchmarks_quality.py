@@ -24,6 +24,8 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
             sys.executable,
             str(ROOT / "benchmarks" / "quality.py"),
             "--quick",
+            "--set",
+            "privacy.max_grad_norm=3.0",
             "--out",
             str(tmp_path),
         ],
@@ -47,6 +49,7 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
     setting = report["setting"]
     assert setting["quick"] and setting["sites"] == 3 and setting["rounds"] == 2
     assert setting["alpha"] == 0.3 and setting["epsilons"] == [8.0]
+    assert setting["max_grad_norm"] == 3.0  # --set reached every configuration's config
     assert len(setting["site_sizes"]) == 3 and setting["test_examples"] > 0
     assert set(report["accuracy"]) == {"fedavg", "ffa", "fedsvd"}
     for by_epsilon in report["accuracy"].values():
@@ -68,3 +71,22 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
     progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     assert len(progress) == len(runs) and progress[-1].startswith("[10/10]")
     assert "ceiling" in proc.stdout and "floor" in proc.stdout  # the closing table
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("oops", "expected KEY=VALUE"), ("privacy.max_grad_normz=3", "max_grad_normz")],
+)
+def test_a_bad_set_override_exits_2_before_any_work(
+    value: str, message: str, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--set", value]
+        + ["--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
