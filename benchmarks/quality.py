@@ -12,6 +12,11 @@ held-out set:
 - fedavg, ffa, fedsvd without DP and with DP-SGD at every site at each ε of ``--epsilons``
   (δ = 1/(10·N) per site, the calibrated noise spending the whole ε over the run).
 
+Every run is also evaluated with its LoRA factors' product removed (every ``lora_B`` at zero,
+so ΔW = B·A = 0, the trained head kept): ``accuracy_without_lora``. The difference is what the
+LoRA update itself adds; where it is near zero the strategies differ only in how they trained
+the classifier head, and their LoRA aggregation is not what the table compares.
+
 Federations run on the in-process grid (:mod:`fedpeft.testing`): the real ClientApp and server
 round loop, without Ray. Sites read their partition from a JSONL file, like a real site, and
 keep a single example as their own held-out split (sites do not evaluate here, the pooled set
@@ -48,9 +53,10 @@ import torch
 
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
-from fedpeft.client.train import evaluate_local
+from fedpeft.client.train import EvalResult, evaluate_local
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.data import load_dataset, partition_dataset, split_site, tokenize
+from fedpeft.model import AdapterLayout
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
@@ -166,6 +172,17 @@ def make_pool(setting: Setting, folder: Path) -> Pool:
     )
 
 
+def without_lora(flat: np.ndarray, layout: AdapterLayout) -> np.ndarray:
+    """A copy of adapter ``flat`` with every ``lora_B`` at zero: ΔW = B·A = 0, heads kept."""
+    out = flat.copy()
+    offset = 0
+    for name, size in zip(layout.names, layout.numels, strict=True):
+        if ".lora_B." in name:
+            out[offset : offset + size] = 0.0
+        offset += size
+    return out
+
+
 def run_federation(
     config: FedPeftConfig, files: Sequence[Path], folder: Path, pool: Pool
 ) -> dict[str, Any]:
@@ -187,16 +204,22 @@ def run_federation(
         task=config.model.task,
         max_length=config.model.max_length,
     )
-    result = evaluate_local(
-        loaded,
-        test,
-        global_flat=federation.global_flat,
-        batch_size=config.train.eval_batch_size,
-        device=torch.device("cpu"),
-    )
+
+    def accuracy_of(flat: np.ndarray) -> EvalResult:
+        return evaluate_local(
+            loaded,
+            test,
+            global_flat=flat,
+            batch_size=config.train.eval_batch_size,
+            device=torch.device("cpu"),
+        )
+
+    result = accuracy_of(federation.global_flat)
+    head_only = accuracy_of(without_lora(federation.global_flat, loaded.layout))
     epsilons = [e for r in rows[-1:] for e in r["epsilon"].values()]
     return {
         "accuracy": result.accuracy,
+        "accuracy_without_lora": head_only.accuracy,
         "loss": result.loss,
         "epsilon_spent": max(epsilons) if epsilons else None,
         "rounds_updated": sum(bool(r["updated"]) for r in rows),
@@ -297,6 +320,16 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
         }
         for strategy in setting.strategies
     }
+    lora_gain = {
+        strategy: {
+            (NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"): round(
+                r["accuracy"] - r["accuracy_without_lora"], 4
+            )
+            for r in runs.values()
+            if r["kind"] == "federated" and r["strategy"] == strategy
+        }
+        for strategy in setting.strategies
+    }
     return {
         "benchmark": "quality",
         "setting": {
@@ -325,6 +358,10 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
         "floor": float(np.mean(floor)),
         "floor_per_site": floor,
         "accuracy": accuracy,
+        "lora_gain": lora_gain,  # accuracy minus accuracy_without_lora
+        "ceiling_lora_gain": round(
+            runs["ceiling"]["accuracy"] - runs["ceiling"]["accuracy_without_lora"], 4
+        ),
         "runs": runs,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
@@ -343,6 +380,11 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{strategy:<10}" + "".join(f"{by_eps[c]:>9.3f}" for c in columns))
     lines.append(f"{'ceiling':<10}{report['ceiling']:>9.3f}  (centralised, non-private)")
     lines.append(f"{'floor':<10}{report['floor']:>9.3f}  (mean of sites training alone)")
+    lines.append("")
+    lines.append("what the LoRA update adds (accuracy minus the same run with ΔW = B·A = 0)")
+    for strategy, by_eps in report["lora_gain"].items():
+        lines.append(f"{strategy:<10}" + "".join(f"{by_eps[c]:>+9.3f}" for c in columns))
+    lines.append(f"{'ceiling':<10}{report['ceiling_lora_gain']:>+9.3f}")
     return "\n".join(lines)
 
 

@@ -440,9 +440,24 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
             ["ceiling (centralised)", f"{report['ceiling']:.3f}", *[""] * (len(columns) - 1)]
         )
         table.append(["floor (site alone)", f"{report['floor']:.3f}", *[""] * (len(columns) - 1)])
-        out.append(
-            _table(["strategy", *[f"ε={c}" if c != "no_dp" else "no DP" for c in columns]], table)
-        )
+        header = ["strategy", *[f"ε={c}" if c != "no_dp" else "no DP" for c in columns]]
+        out.append(_table(header, table))
+        if "lora_gain" in report:  # results written before this column existed lack it
+            out += [
+                "",
+                "What the LoRA update adds: accuracy minus the same run with ΔW = B·A = 0 "
+                "(trained head kept). Near zero, the rows above compare head training, "
+                "not LoRA aggregation.",
+                "",
+            ]
+            gains = [
+                [name, *[f"{by.get(c, float('nan')):+.3f}" for c in columns]]
+                for name, by in report["lora_gain"].items()
+            ]
+            gains.append(
+                ["ceiling", f"{report['ceiling_lora_gain']:+.3f}", *[""] * (len(columns) - 1)]
+            )
+            out.append(_table(header, gains))
     except (KeyError, TypeError, ValueError):
         out.append("See `results/quality.json`.")
     png = results / "quality.png"
