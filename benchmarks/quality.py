@@ -42,7 +42,7 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from fedpeft.client.app import make_client_app
 from fedpeft.client.train import EvalResult, evaluate_local
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.data import load_dataset, partition_dataset, split_site, tokenize
-from fedpeft.model import AdapterLayout
+from fedpeft.model import AdapterLayout, split_flat
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
@@ -175,11 +175,9 @@ def make_pool(setting: Setting, folder: Path) -> Pool:
 def without_lora(flat: np.ndarray, layout: AdapterLayout) -> np.ndarray:
     """A copy of adapter ``flat`` with every ``lora_B`` at zero: ΔW = B·A = 0, heads kept."""
     out = flat.copy()
-    offset = 0
-    for name, size in zip(layout.names, layout.numels, strict=True):
+    for name, part in split_flat(out, layout).items():  # views into ``out``
         if ".lora_B." in name:
-            out[offset : offset + size] = 0.0
-        offset += size
+            part[...] = 0.0
     return out
 
 
@@ -312,24 +310,21 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
         )
     config = compose(setting)
     floor = [r["accuracy"] for r in runs.values() if r["kind"] == "floor"]
-    accuracy = {
-        strategy: {
-            (NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"): r["accuracy"]
-            for r in runs.values()
-            if r["kind"] == "federated" and r["strategy"] == strategy
+    federated = [r for r in runs.values() if r["kind"] == "federated"]
+
+    def by_strategy(value: Callable[[dict[str, Any]], float]) -> dict[str, dict[str, float]]:
+        """strategy → ε key ("no_dp", "1", "8", …) → ``value`` of that federated run."""
+        return {
+            strategy: {
+                (NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"): value(r)
+                for r in federated
+                if r["strategy"] == strategy
+            }
+            for strategy in setting.strategies
         }
-        for strategy in setting.strategies
-    }
-    lora_gain = {
-        strategy: {
-            (NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"): round(
-                r["accuracy"] - r["accuracy_without_lora"], 4
-            )
-            for r in runs.values()
-            if r["kind"] == "federated" and r["strategy"] == strategy
-        }
-        for strategy in setting.strategies
-    }
+
+    accuracy = by_strategy(lambda r: r["accuracy"])
+    lora_gain = by_strategy(lambda r: round(r["accuracy"] - r["accuracy_without_lora"], 4))
     return {
         "benchmark": "quality",
         "setting": {
@@ -450,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     datasets.disable_progress_bars()  # one line per configuration is the progress display
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedpeft-quality-") as work, warnings.catch_warnings():
-        # Opacus's notes on torch's RNG, hooks and RDP orders, repeated by every DP round
+        # Opacus's notes on torch's RNG, hooks and RDP orders, repeated by every DP round. The
+        # RNG note is the known limit documented in fedpeft/privacy/dp.py (no torchcsprng);
+        # each filter matches one message and ends with this block.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Optimal order is the")

@@ -432,15 +432,20 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
         )
         out.append("")
         columns = [f"{e:g}" for e in s["epsilons"]] + ["no_dp"]
-        table = [
-            [name, *[f"{by.get(c, float('nan')):.3f}" for c in columns]]
-            for name, by in report["accuracy"].items()
-        ]
-        table.append(
-            ["ceiling (centralised)", f"{report['ceiling']:.3f}", *[""] * (len(columns) - 1)]
-        )
-        table.append(["floor (site alone)", f"{report['floor']:.3f}", *[""] * (len(columns) - 1)])
+
+        def rows(by_strategy: dict[str, dict[str, float]], fmt: str) -> list[list[str]]:
+            return [
+                [name, *[format(by.get(c, float("nan")), fmt) for c in columns]]
+                for name, by in by_strategy.items()
+            ]
+
+        def single(label: str, value: float, fmt: str) -> list[str]:
+            return [label, format(value, fmt), *[""] * (len(columns) - 1)]
+
         header = ["strategy", *[f"ε={c}" if c != "no_dp" else "no DP" for c in columns]]
+        table = rows(report["accuracy"], ".3f")
+        table.append(single("ceiling (centralised)", report["ceiling"], ".3f"))
+        table.append(single("floor (site alone)", report["floor"], ".3f"))
         out.append(_table(header, table))
         if "lora_gain" in report:  # results written before this column existed lack it
             out += [
@@ -450,13 +455,8 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
                 "not LoRA aggregation.",
                 "",
             ]
-            gains = [
-                [name, *[f"{by.get(c, float('nan')):+.3f}" for c in columns]]
-                for name, by in report["lora_gain"].items()
-            ]
-            gains.append(
-                ["ceiling", f"{report['ceiling_lora_gain']:+.3f}", *[""] * (len(columns) - 1)]
-            )
+            gains = rows(report["lora_gain"], "+.3f")
+            gains.append(single("ceiling", report["ceiling_lora_gain"], "+.3f"))
             out.append(_table(header, gains))
     except (KeyError, TypeError, ValueError):
         out.append("See `results/quality.json`.")
