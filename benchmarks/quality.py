@@ -9,8 +9,14 @@ held-out set:
   ``--steps × --sites`` steps per round (the federation's total number of steps);
 - floor: each site training alone (a federation of one) for the same rounds and steps; the
   mean of their accuracies;
+- probe: logistic regression on the frozen base encoder's features of the training pool,
+  fitted to convergence (non-private) — the bound for any run whose LoRA update adds nothing;
 - fedavg, ffa, fedsvd without DP and with DP-SGD at every site at each ε of ``--epsilons``
   (δ = 1/(10·N) per site, the calibrated noise spending the whole ε over the run).
+
+With ``--seeds K`` every configuration runs once per training seed (the data split stays);
+the runs of one seed share their sites' DP randomness (:func:`paired_secret`), so the report's
+per-seed differences against fedavg are paired. Figures are means over the seeds.
 
 Every run is also evaluated with its LoRA factors' product removed (every ``lora_B`` at zero,
 so ΔW = B·A = 0, the trained head kept): ``accuracy_without_lora``. The difference is what the
@@ -28,6 +34,7 @@ Usage::
                                             # on 2 cores: 23 runs of 3 rounds x 3 steps of 64)
     python benchmarks/quality.py --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
     python benchmarks/quality.py --strategies ffa --epsilons 8 --set privacy.max_grad_norm=3
+    python benchmarks/quality.py --seeds 3  # every configuration with 3 paired training seeds
 
 Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
 with the ceiling and the floor), prints a table, and one line per finished configuration.
@@ -36,13 +43,14 @@ with the ceiling and the floor), prints a table, and one line per finished confi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +61,10 @@ import torch
 
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
-from fedpeft.client.train import EvalResult, evaluate_local
+from fedpeft.client.train import EvalResult, evaluate_local, forward_losses, make_loader
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.data import load_dataset, partition_dataset, split_site, tokenize
-from fedpeft.model import AdapterLayout, split_flat
+from fedpeft.model import AdapterLayout, LoadedModel, build_model, split_flat
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
@@ -65,6 +73,9 @@ from fedpeft.testing import InProcessGrid
 DEFAULT_OUT = Path(__file__).parent / "results"
 STRATEGIES = ("fedavg", "ffa", "fedsvd")
 NO_DP = "no_dp"
+KINDS = ("ceiling", "floor", "federated")
+PROBE_L2 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)  # L2 weights the linear probe chooses from
+PROBE_ITERATIONS = 500  # L-BFGS cap; a logistic regression on 384 features needs far fewer
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class Setting:
     eval_examples: int
     secagg: bool
     quick: bool
+    seeds: int  # every configuration runs once per training seed
 
 
 def setting_from_args(args: argparse.Namespace) -> Setting:
@@ -102,6 +114,7 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
         eval_examples=args.eval_examples or (120 if quick else 1000),
         secagg=bool(args.secagg),
         quick=quick,
+        seeds=args.seeds,
     )
 
 
@@ -181,16 +194,135 @@ def without_lora(flat: np.ndarray, layout: AdapterLayout) -> np.ndarray:
     return out
 
 
+def head_inputs(
+    loaded: LoadedModel, table: Any, config: FedPeftConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model's classifier head reads, ``(N, H)``, and the labels ``(N,)`` of ``table``.
+
+    The adapter is as ``loaded`` holds it; at its start every ``lora_B`` is zero, so these are
+    the frozen base encoder's features (mean-pooled tokens for the embedded MiniLM).
+    """
+    heads = [
+        module
+        for name, module in loaded.peft_model.named_modules()
+        if name.endswith("modules_to_save.default")
+    ]
+    if len(heads) != 1:
+        raise ValueError(f"expected one trained head (peft modules_to_save), found {len(heads)}")
+    dataset = tokenize(
+        table,
+        loaded.tokenizer,
+        config=config.data,
+        task=config.model.task,
+        max_length=config.model.max_length,
+    )
+    loader = make_loader(
+        dataset,
+        batch_size=config.train.eval_batch_size,
+        pad_id=int(loaded.tokenizer.pad_token_id),
+        shuffle=False,
+        seed=0,
+    )
+    seen: list[torch.Tensor] = []
+    hook = heads[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    labels = []
+    loaded.peft_model.eval()  # no dropout between the encoder and the head
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                forward_losses(loaded, loaded.peft_model, batch, torch.device("cpu"))
+                labels.append(batch[2])
+    finally:
+        hook.remove()
+    return torch.cat(seen).float(), torch.cat(labels)
+
+
+def fit_head(
+    x: torch.Tensor, y: torch.Tensor, *, num_labels: int, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression ``x @ W + b`` fitted to convergence (L-BFGS, full batch)."""
+    weight = torch.zeros(x.shape[1], num_labels, requires_grad=True)
+    bias = torch.zeros(num_labels, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], max_iter=PROBE_ITERATIONS, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def linear_probe(setting: Setting, pool: Pool) -> dict[str, Any]:
+    """The best a non-private head on the frozen encoder reaches: a bound for head-only training.
+
+    Logistic regression on the base encoder's features of the whole training pool, its L2
+    weight chosen on a tenth of the pool held out (never on the test set), then refitted on
+    all of it. A federated run whose LoRA update adds nothing (``accuracy_without_lora`` equal
+    to ``accuracy``) is a head on these same features and cannot do better than this, however
+    long it trains.
+    """
+    start = time.perf_counter()
+    config = compose(setting)
+    loaded = build_model(config.model, config.lora, seed=config.seed)
+    pool_table = datasets.Dataset.from_json(str(pool.pool_file))
+    x, y = head_inputs(loaded, pool_table, config)
+    x_test, y_test = head_inputs(loaded, pool.test_table, config)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))
+    held, fit = order[: len(y) // 10], order[len(y) // 10 :]
+
+    def accuracy(
+        head: tuple[torch.Tensor, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor
+    ) -> float:
+        return float(((xs @ head[0] + head[1]).argmax(dim=1) == ys).float().mean())
+
+    num_labels = config.model.num_labels
+    validation = {
+        l2: accuracy(fit_head(x[fit], y[fit], num_labels=num_labels, l2=l2), x[held], y[held])
+        for l2 in PROBE_L2
+    }
+    best = max(PROBE_L2, key=lambda l2: (validation[l2], l2))  # ties: the stronger penalty
+    head = fit_head(x, y, num_labels=num_labels, l2=best)
+    return {
+        "accuracy": accuracy(head, x_test, y_test),
+        "l2": best,
+        "validation_accuracy": {f"{l2:g}": a for l2, a in validation.items()},
+        "features": int(x.shape[1]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def paired_secret(seed: int, site: int) -> bytes:
+    """Site ``site``'s DP randomness key in every run of training seed ``seed``.
+
+    Benchmark only: a real site's key is random and never known to anyone else
+    (:func:`fedpeft.client.privacy.site_secret`). Here the runs of one seed share their sites'
+    keys and federation id, so they draw the same Poisson batches and noise seeds, and a
+    difference between two strategies of one seed is not a difference of luck in sampling.
+    """
+    return hashlib.sha256(f"fedpeft quality benchmark: seed {seed}, site {site}".encode()).digest()
+
+
 def run_federation(
     config: FedPeftConfig, files: Sequence[Path], folder: Path, pool: Pool
 ) -> dict[str, Any]:
-    """Run one federation of ``files`` (one site each); evaluate on the pooled held-out set."""
-    node_configs: dict[int, dict[str, Any]] = {
-        i + 1: {K.NODE_DATA_PATH: str(path), K.NODE_LEDGER_PATH: str(folder / f"ledger{i}.json")}
-        for i, path in enumerate(files)
-    }
+    """Run one federation of ``files`` (one site each); evaluate on the pooled held-out set.
+
+    Site randomness is paired across the runs of one ``config.seed`` (:func:`paired_secret`).
+    """
+    node_configs: dict[int, dict[str, Any]] = {}
+    for i, path in enumerate(files):
+        ledger = folder / f"ledger{i}.json"
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger.with_name(ledger.name + ".secret").write_bytes(paired_secret(config.seed, i))
+        node_configs[i + 1] = {K.NODE_DATA_PATH: str(path), K.NODE_LEDGER_PATH: str(ledger)}
     grid = InProcessGrid(make_client_app(config), node_configs)
     federation = Federation(grid, config, RunDir(folder / "run"), Progress(stream=io.StringIO()))
+    federation.federation_id = f"quality-seed{config.seed}"  # paired with the seed's other runs
     start = time.perf_counter()
     rows = federation.run()
     seconds = time.perf_counter() - start
@@ -290,41 +422,59 @@ def configurations(setting: Setting, pool: Pool) -> list[tuple[str, dict[str, An
 
 def run(setting: Setting, *, work: Path) -> dict[str, Any]:
     pool = make_pool(setting, work / "data")
+    probe = linear_probe(setting, pool)
+    print(
+        f"linear probe: accuracy {probe['accuracy']:.3f} (L2 {probe['l2']:g}, "
+        f"{probe['seconds']:.1f} s)",
+        flush=True,
+    )
     plan = configurations(setting, pool)
+    config = compose(setting)
+    seeds = [config.seed + j for j in range(setting.seeds)]
     runs: dict[str, dict[str, Any]] = {}
-    for index, (name, spec) in enumerate(plan, start=1):
-        config = compose(setting, *spec["overrides"])
-        result = run_federation(config, spec["files"], work / name, pool)
-        runs[name] = {
+    for index, (seed, (name, spec)) in enumerate(
+        ((seed, item) for seed in seeds for item in plan), start=1
+    ):
+        key = name if len(seeds) == 1 else f"{name}@{seed}"
+        run_config = compose(setting, *spec["overrides"], f"seed={seed}")
+        result = run_federation(run_config, spec["files"], work / key, pool)
+        runs[key] = {
             "kind": spec["kind"],
             "strategy": spec["strategy"],
             "epsilon_target": spec["epsilon"],
+            "seed": seed,
             **result,
         }
         spent = result["epsilon_spent"]
         privacy = f" ε spent {spent:.2f}" if spent is not None else ""
         print(
-            f"[{index:>2}/{len(plan)}] {name:<16} accuracy {result['accuracy']:.3f} "
+            f"[{index:>2}/{len(plan) * len(seeds)}] {key:<16} accuracy {result['accuracy']:.3f} "
             f"loss {result['loss']:.3f}{privacy} ({result['seconds']:.1f} s)",
             flush=True,
         )
-    config = compose(setting)
-    floor = [r["accuracy"] for r in runs.values() if r["kind"] == "floor"]
-    federated = [r for r in runs.values() if r["kind"] == "federated"]
+    of_kind = {kind: [r for r in runs.values() if r["kind"] == kind] for kind in KINDS}
+    ceilings, floors, federated = of_kind["ceiling"], of_kind["floor"], of_kind["federated"]
 
-    def by_strategy(value: Callable[[dict[str, Any]], float]) -> dict[str, dict[str, float]]:
-        """strategy → ε key ("no_dp", "1", "8", …) → ``value`` of that federated run."""
-        return {
-            strategy: {
-                (NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"): value(r)
-                for r in federated
-                if r["strategy"] == strategy
-            }
-            for strategy in setting.strategies
+    def by_strategy(value: Callable[[list[dict[str, Any]]], Any]) -> dict[str, dict[str, Any]]:
+        """strategy → ε key ("no_dp", "1", "8", …) → ``value`` of its runs, in seed order."""
+        groups: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in setting.strategies}
+        for r in federated:
+            eps = NO_DP if r["epsilon_target"] is None else f"{r['epsilon_target']:g}"
+            groups[r["strategy"]].setdefault(eps, []).append(r)
+        return {s: {e: value(rs) for e, rs in by.items()} for s, by in groups.items()}
+
+    accuracy = by_strategy(lambda rs: mean(r["accuracy"] for r in rs))
+    per_seed = by_strategy(lambda rs: [r["accuracy"] for r in rs])
+    lora_gain = by_strategy(lambda rs: mean(r["accuracy"] - r["accuracy_without_lora"] for r in rs))
+    # paired: the same seed's runs share data order and noise seeds (paired_secret)
+    versus = {
+        strategy: {
+            eps: [a - b for a, b in zip(values, per_seed["fedavg"][eps], strict=True)]
+            for eps, values in by_eps.items()
         }
-
-    accuracy = by_strategy(lambda r: r["accuracy"])
-    lora_gain = by_strategy(lambda r: round(r["accuracy"] - r["accuracy_without_lora"], 4))
+        for strategy, by_eps in per_seed.items()
+        if strategy != "fedavg" and "fedavg" in per_seed
+    }
     return {
         "benchmark": "quality",
         "setting": {
@@ -349,14 +499,21 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
             "site_sizes": pool.site_sizes,
             "test_examples": len(pool.test_table),
         },
-        "ceiling": runs["ceiling"]["accuracy"],
-        "floor": float(np.mean(floor)),
-        "floor_per_site": floor,
+        "seeds": seeds,
+        # means over the seeds; *_per_seed lists them in the order of "seeds"
+        "ceiling": mean(r["accuracy"] for r in ceilings),
+        "ceiling_per_seed": [r["accuracy"] for r in ceilings],
+        "floor": mean(r["accuracy"] for r in floors),
+        "floor_per_site": [  # each site's mean over the seeds
+            mean(r["accuracy"] for r in floors[site :: setting.sites])
+            for site in range(setting.sites)
+        ],
         "accuracy": accuracy,
+        "accuracy_per_seed": per_seed,
+        "vs_fedavg": versus,  # strategy → ε → accuracy minus fedavg's, one per seed (paired)
         "lora_gain": lora_gain,  # accuracy minus accuracy_without_lora
-        "ceiling_lora_gain": round(
-            runs["ceiling"]["accuracy"] - runs["ceiling"]["accuracy_without_lora"], 4
-        ),
+        "ceiling_lora_gain": mean(r["accuracy"] - r["accuracy_without_lora"] for r in ceilings),
+        "probe": probe,  # non-private head on the frozen encoder, fitted to convergence
         "runs": runs,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
@@ -364,8 +521,13 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
     }
 
 
+def mean(values: Iterable[float]) -> float:
+    """The mean, rounded to 4 places like every figure of the report."""
+    return round(float(np.mean(list(values))), 4)
+
+
 def table(report: dict[str, Any]) -> str:
-    """Accuracy per strategy and ε, with the ceiling and the floor."""
+    """Accuracy per strategy and ε (seed means), the references, LoRA's part, and vs fedavg."""
     columns = [f"{e:g}" for e in report["setting"]["epsilons"]] + [NO_DP]
     header = f"{'strategy':<10}" + "".join(
         f"{('ε=' + c) if c != NO_DP else 'no DP':>9}" for c in columns
@@ -375,11 +537,24 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{strategy:<10}" + "".join(f"{by_eps[c]:>9.3f}" for c in columns))
     lines.append(f"{'ceiling':<10}{report['ceiling']:>9.3f}  (centralised, non-private)")
     lines.append(f"{'floor':<10}{report['floor']:>9.3f}  (mean of sites training alone)")
+    lines.append(
+        f"{'probe':<10}{report['probe']['accuracy']:>9.3f}  (non-private head on the frozen "
+        "encoder, converged)"
+    )
     lines.append("")
     lines.append("what the LoRA update adds (accuracy minus the same run with ΔW = B·A = 0)")
     for strategy, by_eps in report["lora_gain"].items():
         lines.append(f"{strategy:<10}" + "".join(f"{by_eps[c]:>+9.3f}" for c in columns))
     lines.append(f"{'ceiling':<10}{report['ceiling_lora_gain']:>+9.3f}")
+    if report["vs_fedavg"]:
+        lines.append("")
+        lines.append("accuracy minus fedavg's, paired by seed: mean, then seeds won")
+        for strategy, by_eps in report["vs_fedavg"].items():
+            lines.append(
+                f"{strategy:<10}" + "".join(f"{np.mean(by_eps[c]):>+9.3f}" for c in columns)
+            )
+            wins = [f"{sum(d > 0 for d in by_eps[c])}/{len(by_eps[c])}" for c in columns]
+            lines.append(f"{'  won':<10}" + "".join(f"{w:>9}" for w in wins))
     return "\n".join(lines)
 
 
@@ -425,6 +600,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-examples", type=int, help="cap on the dataset before splitting")
     parser.add_argument("--accountant", choices=("prv", "rdp"), help="default prv; quick rdp")
     parser.add_argument("--secagg", action="store_true", help="federations use SecAgg+")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run every configuration with this many training seeds, paired across "
+        "configurations; the report gives means and per-seed figures (default 1)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON and PNG")
     parser.add_argument(
         "--set",
@@ -434,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(repeatable; recorded in the JSON)",
     )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: must be at least 1")
     bad = [o for o in args.set or () if "=" not in o.strip("=")]
     if bad:
         parser.error(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. privacy.max_grad_norm=3")

@@ -446,6 +446,10 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
         table = rows(report["accuracy"], ".3f")
         table.append(single("ceiling (centralised)", report["ceiling"], ".3f"))
         table.append(single("floor (site alone)", report["floor"], ".3f"))
+        if "probe" in report:  # results written before the probe existed lack it
+            table.append(
+                single("probe (head on frozen encoder)", report["probe"]["accuracy"], ".3f")
+            )
         out.append(_table(header, table))
         if "lora_gain" in report:  # results written before this column existed lack it
             out += [
@@ -458,6 +462,26 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
             gains = rows(report["lora_gain"], "+.3f")
             gains.append(single("ceiling", report["ceiling_lora_gain"], "+.3f"))
             out.append(_table(header, gains))
+        seeds = report.get("seeds", [])
+        if len(seeds) > 1 and report.get("vs_fedavg"):
+            out += [
+                "",
+                f"Figures above are means over {len(seeds)} training seeds. Accuracy minus "
+                "fedavg's, paired by seed (the same sites' batches and noise seeds), with the "
+                "seeds won:",
+                "",
+            ]
+            versus = [
+                [
+                    name,
+                    *[
+                        f"{sum(by[c]) / len(by[c]):+.3f} ({sum(d > 0 for d in by[c])}/{len(by[c])})"
+                        for c in columns
+                    ],
+                ]
+                for name, by in report["vs_fedavg"].items()
+            ]
+            out.append(_table(header, versus))
     except (KeyError, TypeError, ValueError):
         out.append("See `results/quality.json`.")
     png = results / "quality.png"

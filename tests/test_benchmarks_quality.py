@@ -23,14 +23,18 @@ from fedpeft.model import build_model, get_flat, set_flat, split_flat
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_quality():  # type: ignore[no-untyped-def]
-    """``benchmarks/quality.py`` as a module (benchmarks is not a package)."""
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+def load_benchmark(name: str):  # type: ignore[no-untyped-def]
+    """``benchmarks/<name>.py`` as a module (benchmarks is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module  # dataclasses look their module up by name
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def load_quality():  # type: ignore[no-untyped-def]
+    return load_benchmark("quality")
 
 
 def test_without_lora_zeroes_every_delta_weight_and_keeps_the_rest() -> None:
@@ -70,6 +74,8 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
             sys.executable,
             str(ROOT / "benchmarks" / "quality.py"),
             "--quick",
+            "--seeds",
+            "2",
             "--set",
             "privacy.max_grad_norm=3.0",
             "--out",
@@ -102,35 +108,65 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
         assert set(by_epsilon) == {"8", "no_dp"}
         assert all(0.0 <= a <= 1.0 for a in by_epsilon.values())
     assert 0.0 <= report["ceiling"] <= 1.0 and len(report["floor_per_site"]) == 3
-    assert report["floor"] == pytest.approx(sum(report["floor_per_site"]) / 3)
+    assert report["floor"] == pytest.approx(sum(report["floor_per_site"]) / 3, abs=1e-4)
+    seeds = report["seeds"]
+    assert len(seeds) == 2 and seeds[1] == seeds[0] + 1
+    assert report["ceiling"] == pytest.approx(np.mean(report["ceiling_per_seed"]), abs=1e-4)
+    per_seed = report["accuracy_per_seed"]
+    for strategy, by_epsilon in report["accuracy"].items():
+        for eps, value in by_epsilon.items():
+            assert len(per_seed[strategy][eps]) == 2
+            assert value == pytest.approx(np.mean(per_seed[strategy][eps]), abs=1e-4)
+    assert set(report["vs_fedavg"]) == {"ffa", "fedsvd"}  # paired differences, one per seed
+    for strategy, by_epsilon in report["vs_fedavg"].items():
+        for eps, differences in by_epsilon.items():
+            expected = np.subtract(per_seed[strategy][eps], per_seed["fedavg"][eps])
+            assert differences == pytest.approx(expected.tolist())
+    probe = report["probe"]
+    assert 0.0 <= probe["accuracy"] <= 1.0 and probe["features"] == 32  # tiny BERT's width
+    # the L2 weight with the best validation accuracy (ties: the stronger penalty)
+    validation = {float(l2): acc for l2, acc in probe["validation_accuracy"].items()}
+    assert probe["l2"] == max(validation, key=lambda l2: (validation[l2], l2))
     assert set(report["lora_gain"]) == {"fedavg", "ffa", "fedsvd"}
     for by_epsilon in report["lora_gain"].values():
         assert set(by_epsilon) == {"8", "no_dp"}
     runs = report["runs"]
+    gains: dict[tuple[str, str], list[float]] = {}
     for run in runs.values():
         assert 0.0 <= run["accuracy_without_lora"] <= 1.0
         if run["kind"] == "federated":
             key = "no_dp" if run["epsilon_target"] is None else f"{run['epsilon_target']:g}"
             gain = run["accuracy"] - run["accuracy_without_lora"]
-            assert report["lora_gain"][run["strategy"]][key] == pytest.approx(gain, abs=1e-4)
-    ceiling = runs["ceiling"]
+            gains.setdefault((run["strategy"], key), []).append(gain)
+    for (strategy, key), values in gains.items():
+        assert report["lora_gain"][strategy][key] == pytest.approx(np.mean(values), abs=1e-4)
+    ceilings = [runs[f"ceiling@{seed}"] for seed in seeds]
     assert report["ceiling_lora_gain"] == pytest.approx(
-        ceiling["accuracy"] - ceiling["accuracy_without_lora"], abs=1e-4
+        np.mean([c["accuracy"] - c["accuracy_without_lora"] for c in ceilings]), abs=1e-4
     )
     assert "what the LoRA update adds" in proc.stdout
-    assert len(runs) == 1 + 3 + 3 * 2  # ceiling, three sites alone, three strategies × 2
+    assert len(runs) == 2 * (1 + 3 + 3 * 2)  # per seed: ceiling, 3 sites alone, 3 strategies × 2
     for run in runs.values():
         assert {"kind", "strategy", "epsilon_target", "accuracy", "loss", "epsilon_spent"} <= set(
             run
         )
+        assert run["seed"] in seeds
         assert run["rounds_updated"] == 2
         if run["epsilon_target"] is None:
             assert run["epsilon_spent"] is None
         else:
             assert 0 < run["epsilon_spent"] <= run["epsilon_target"] and math.isfinite(run["loss"])
     progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert len(progress) == len(runs) and progress[-1].startswith("[10/10]")
+    assert len(progress) == len(runs) and progress[-1].startswith("[20/20]")
     assert "ceiling" in proc.stdout and "floor" in proc.stdout  # the closing table
+    assert "linear probe: accuracy" in proc.stdout and "paired by seed" in proc.stdout
+    section = "\n".join(
+        load_benchmark("report").section_quality(report, tmp_path, tmp_path / "README.md")
+    )
+    assert f"| probe (head on frozen encoder) | {probe['accuracy']:.3f} |" in section
+    for strategy, by_epsilon in report["vs_fedavg"].items():  # the paired table, ε=8 column
+        wins = sum(d > 0 for d in by_epsilon["8"])
+        assert f"| {strategy} | {np.mean(by_epsilon['8']):+.3f} ({wins}/2) |" in section
 
 
 @pytest.mark.parametrize(
@@ -150,3 +186,70 @@ def test_a_bad_set_override_exits_2_before_any_work(
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_head_inputs_are_what_the_head_reads() -> None:
+    """The captured features, put through the trained head, give the model's own logits."""
+    import datasets
+    import torch
+
+    from fedpeft.client.train import forward_losses, make_loader
+    from fedpeft.config import compose_config
+    from fedpeft.data import tokenize
+
+    quality = load_quality()
+    config = compose_config(["model=tiny_bert"])
+    loaded = build_model(config.model, config.lora, seed=0)
+    texts = ["a fine film", "dull", "the plot goes nowhere at all", "yes", "moving and sharp"]
+    table = datasets.Dataset.from_dict({"text": texts, "label": [1, 0, 0, 1, 1]})
+    features, labels = quality.head_inputs(loaded, table, config)
+    assert features.shape == (5, config.model.hidden_size) and labels.tolist() == [1, 0, 0, 1, 1]
+
+    head = next(
+        m for n, m in loaded.peft_model.named_modules() if n.endswith("modules_to_save.default")
+    )
+    dataset = tokenize(
+        table,
+        loaded.tokenizer,
+        config=config.data,
+        task="classification",
+        max_length=config.model.max_length,
+    )
+    batch = next(
+        iter(
+            make_loader(
+                dataset,
+                batch_size=8,
+                pad_id=int(loaded.tokenizer.pad_token_id),
+                shuffle=False,
+                seed=0,
+            )
+        )
+    )
+    with torch.no_grad():
+        _, logits = forward_losses(loaded, loaded.peft_model, batch, torch.device("cpu"))
+        assert torch.allclose(head(features), logits, atol=1e-6)
+
+
+def test_fit_head_separates_separable_data_and_l2_shrinks_it() -> None:
+    import torch
+
+    quality = load_quality()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    y = (x[:, 0] - 0.5 * x[:, 3] > 0).long()  # linearly separable through the origin
+    weight, bias = quality.fit_head(x, y, num_labels=2, l2=0.0)
+    assert weight.shape == (6, 2) and bias.shape == (2,)
+    assert bool(((x @ weight + bias).argmax(dim=1) == y).all())
+    norms = [
+        float(quality.fit_head(x, y, num_labels=2, l2=l2)[0].norm()) for l2 in (1e-3, 1e-2, 1e-1)
+    ]
+    assert norms[0] > norms[1] > norms[2] > 0  # a stronger penalty, a smaller head
+
+
+def test_paired_secret_is_a_fixed_32_byte_key_per_seed_and_site() -> None:
+    quality = load_quality()
+    keys = {(seed, site): quality.paired_secret(seed, site) for seed in (0, 1) for site in (0, 1)}
+    assert all(len(k) == 32 for k in keys.values())  # fedpeft.client.privacy.SECRET_BYTES
+    assert len(set(keys.values())) == 4  # every seed and site its own stream
+    assert quality.paired_secret(1, 0) == keys[(1, 0)]  # the same in every run of the seed
