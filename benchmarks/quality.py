@@ -37,7 +37,8 @@ Usage::
     python benchmarks/quality.py --seeds 3  # every configuration with 3 paired training seeds
 
 Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
-with the ceiling and the floor), prints a table, and one line per finished configuration.
+with the ceiling and the floor; ``--name`` changes the stem), prints a table, and one line per
+finished configuration.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import hashlib
 import io
 import json
 import platform
+import re
 import tempfile
 import time
 import warnings
@@ -609,6 +611,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON and PNG")
     parser.add_argument(
+        "--name",
+        default="quality",
+        help="file name stem of the JSON and PNG (default quality); report.py shows every "
+        "quality*.json of the results folder, e.g. --name quality_long for a longer sweep",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
@@ -616,6 +624,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(repeatable; recorded in the JSON)",
     )
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"quality[A-Za-z0-9_-]*", args.name):
+        parser.error(
+            f"--name {args.name!r}: must start with 'quality' and use only A-Z a-z 0-9 _ -"
+        )
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be at least 1")
     bad = [o for o in args.set or () if "=" not in o.strip("=")]
@@ -638,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # transformers' deprecation note, raised inside peft's save_pretrained every round
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         report = run(setting, work=Path(work))
-    json_path, png_path = args.out / "quality.json", args.out / "quality.png"
+    json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, png_path)
     print(table(report))

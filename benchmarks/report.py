@@ -422,8 +422,18 @@ def section_primitives(report: dict[str, Any]) -> list[str]:
     return [*out, _table(header, table), ""]
 
 
-def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list[str]:
-    out = ["## Quality (`quality.py`)", ""]
+def section_quality(
+    report: dict[str, Any], results: Path, readme: Path, stem: str = "quality"
+) -> list[str]:
+    """One quality sweep (``results/<stem>.json``): accuracy, LoRA's part, paired differences."""
+    title = "## Quality (`quality.py`)"
+    if stem != "quality":
+        setting = report.get("setting", {})
+        title = (
+            f"## Quality, {setting.get('rounds', '?')} rounds × {setting.get('local_steps', '?')} "
+            f"steps (`quality.py --name {stem}`)"
+        )
+    out = [title, ""]
     try:
         s = report["setting"]
         out.append(
@@ -484,9 +494,9 @@ def section_quality(report: dict[str, Any], results: Path, readme: Path) -> list
             out.append(_table(header, versus))
     except (KeyError, TypeError, ValueError):
         out.append("See `results/quality.json`.")
-    png = results / "quality.png"
+    png = results / f"{stem}.png"
     if png.is_file():
-        out += ["", f"![quality]({os.path.relpath(png, readme.parent)})"]
+        out += ["", f"![{stem}]({os.path.relpath(png, readme.parent)})"]
     return [*out, ""]
 
 
@@ -684,9 +694,14 @@ def write_report(results: Path, readme: Path) -> list[Path]:
     prim = _load(results, "secagg_primitives")
     if prim:
         lines += section_primitives(prim)
-    qual = _load(results, "quality")
-    if qual:
-        lines += section_quality(qual, results, readme)
+    # the default sweep first, then other named sweeps (quality.py --name quality_…)
+    stems = sorted(
+        (p.stem for p in results.glob("quality*.json")), key=lambda s: (s != "quality", s)
+    )
+    for stem in stems:
+        qual = _load(results, stem)
+        if qual:
+            lines += section_quality(qual, results, readme, stem)
     dep = _load(results, "deployment_latency")
     if dep:
         lines += section_deployment(dep)

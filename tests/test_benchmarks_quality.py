@@ -253,3 +253,41 @@ def test_paired_secret_is_a_fixed_32_byte_key_per_seed_and_site() -> None:
     assert all(len(k) == 32 for k in keys.values())  # fedpeft.client.privacy.SECRET_BYTES
     assert len(set(keys.values())) == 4  # every seed and site its own stream
     assert quality.paired_secret(1, 0) == keys[(1, 0)]  # the same in every run of the seed
+
+
+def test_report_shows_every_named_quality_sweep_after_the_default(tmp_path: Path) -> None:
+    report = load_benchmark("report")
+
+    def sweep(rounds: int, ffa: float) -> dict[str, object]:
+        setting = {"model": "minilm", "dataset": "rotten_tomatoes", "sites": 10, "alpha": 0.3}
+        return {
+            "setting": {**setting, "rounds": rounds, "local_steps": 5, "epsilons": [8.0]},
+            "accuracy": {"ffa": {"8": ffa, "no_dp": 0.75}},
+            "ceiling": 0.8,
+            "floor": 0.6,
+        }
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quality_long.json").write_text(json.dumps(sweep(6, 0.714)))
+    (results / "quality.json").write_text(json.dumps(sweep(3, 0.657)))
+    report.write_report(results, tmp_path / "README.md")
+    text = (tmp_path / "README.md").read_text()
+    default = text.index("## Quality (`quality.py`)")
+    named = text.index("## Quality, 6 rounds × 5 steps (`quality.py --name quality_long`)")
+    assert default < named
+    assert "| ffa | 0.657 | 0.750 |" in text[default:named]
+    assert "| ffa | 0.714 | 0.750 |" in text[named:]
+
+
+def test_a_bad_name_exits_2_before_any_work(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--name", "../x"]
+        + ["--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "--name '../x'" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
