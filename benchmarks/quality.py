@@ -10,7 +10,7 @@ held-out set:
 - floor: each site training alone (a federation of one) for the same rounds and steps; the
   mean of their accuracies;
 - probe: logistic regression on the frozen base encoder's features of the training pool,
-  fitted to convergence (non-private) — the bound for any run whose LoRA update adds nothing;
+  fitted to convergence (non-private) — what any run whose LoRA update adds nothing approaches;
 - fedavg, ffa, fedsvd without DP and with DP-SGD at every site at each ε of ``--epsilons``
   (δ = 1/(10·N) per site, the calibrated noise spending the whole ε over the run).
 
@@ -265,8 +265,9 @@ def linear_probe(setting: Setting, pool: Pool) -> dict[str, Any]:
     Logistic regression on the base encoder's features of the whole training pool, its L2
     weight chosen on a tenth of the pool held out (never on the test set), then refitted on
     all of it. A federated run whose LoRA update adds nothing (``accuracy_without_lora`` equal
-    to ``accuracy``) is a head on these same features and cannot do better than this, however
-    long it trains.
+    to ``accuracy``) is a head on these same features: this is the level it approaches however
+    long it trains (up to the luck of one held-out set, since the probe optimises the training
+    loss, not test accuracy).
     """
     start = time.perf_counter()
     config = compose(setting)
