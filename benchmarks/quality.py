@@ -322,7 +322,14 @@ def run_federation(
         ledger = folder / f"ledger{i}.json"
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.with_name(ledger.name + ".secret").write_bytes(paired_secret(config.seed, i))
-        node_configs[i + 1] = {K.NODE_DATA_PATH: str(path), K.NODE_LEDGER_PATH: str(ledger)}
+        node_configs[i + 1] = {
+            K.NODE_DATA_PATH: str(path),
+            K.NODE_LEDGER_PATH: str(ledger),
+            # the benchmark's own sites: their ceiling is the run's ε, and the no-DP reference
+            # runs are allowed (a deployed site refuses DP off unless it says so)
+            K.NODE_EPSILON_MAX: config.privacy.epsilon,
+            K.NODE_PRIVACY_REQUIRED: str(config.privacy.enabled).lower(),
+        }
     grid = InProcessGrid(make_client_app(config), node_configs)
     federation = Federation(grid, config, RunDir(folder / "run"), Progress(stream=io.StringIO()))
     federation.federation_id = f"quality-seed{config.seed}"  # paired with the seed's other runs

@@ -1,10 +1,11 @@
-"""The ``fedpeft`` command: ``simulate`` a federation, ``export`` its adapter, make ``certs``
-and ``keys`` for a real deployment (:mod:`fedpeft.deploy`), and serve a site's SuperNode
-with a long-lived ClientApp ``worker`` (:mod:`fedpeft.client.worker`).
+"""The ``fedpeft`` command: ``simulate`` a federation, ``audit`` its DP-SGD's ε from below
+(:mod:`fedpeft.audit`), ``export`` its adapter, make ``certs`` and ``keys`` for a real
+deployment (:mod:`fedpeft.deploy`), and serve a site's SuperNode with a long-lived ClientApp
+``worker`` (:mod:`fedpeft.client.worker`).
 
-Hydra overrides are the trailing ``key=value`` words of ``fedpeft simulate``; they are
-composed over ``conf/`` by :func:`fedpeft.config.compose_config`, which fails at once on
-an unknown key or a bad value.
+Hydra overrides are the trailing ``key=value`` words of ``fedpeft simulate`` and ``fedpeft
+audit``; they are composed over ``conf/`` by :func:`fedpeft.config.compose_config`, which
+fails at once on an unknown key or a bad value.
 """
 
 from __future__ import annotations
@@ -77,8 +78,15 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from fedpeft.deploy import make_site_keys, site_names
+    from fedpeft.deploy import make_coordinator_key, make_site_keys, site_names
 
+    if args.coordinator:
+        private, public = make_coordinator_key(args.out, force=args.force)
+        print(f"coordinator signing key written to {private} (keep private; ServerApp run config")
+        print(f"  coordinator-key=\"{private}\") and {public} (give it to every site: node config")
+        print(f"  coordinator-public-key='{public}')")
+        if not (args.sites or args.name):
+            return 0
     names = site_names(sites=args.sites, names=args.name or ())
     for key in make_site_keys(args.out, names, force=args.force):
         print(
@@ -120,12 +128,73 @@ def _supernode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from fedpeft.audit import AUDIT_FILE, EXIT_VIOLATION, run_audit
+    from fedpeft.client.errors import SiteRefusal
+    from fedpeft.privacy.errors import PrivacyConfigError
+
+    config = compose_config(args.overrides)
+    try:
+        result = run_audit(
+            config,
+            canaries=args.canaries,
+            beta=args.beta,
+            kind=args.kind,
+            run_dir=args.out,
+            seed=args.seed,
+        )
+    except (PrivacyConfigError, SiteRefusal) as err:  # the site's privacy plan refused
+        raise ConfigError(str(err)) from None
+    b = result.bound
+    print(
+        f"audited {result.kind} canaries on {result.model}, site 0 ({result.num_examples} "
+        f"examples), {result.steps} DP-SGD steps: σ={result.noise_multiplier:.4g}, "
+        f"q={result.sample_rate:.4g}, C={result.max_grad_norm:g}, {result.clipping}"
+    )
+    print(
+        f"claimed ε={result.claimed_epsilon:.4g} at δ={result.delta:g} "
+        f"(ledger, {result.accountant} accountant)"
+    )
+    print(
+        f"m={b.canaries} canaries ({b.included} included); best of {b.candidates} guess sets: "
+        f"k={b.guesses} (k+={b.k_plus}, k-={b.k_minus}), {b.correct} correct"
+    )
+    print(
+        f"empirical lower bound ε ≥ {b.epsilon_lower_bound:.4g} at confidence "
+        f"{1 - b.beta:.3g} (β={b.beta:g}); p-value of the claim {b.p_value:.3g}"
+    )
+    print(result.verdict)
+    print(f"audit written to {(result.run_dir / AUDIT_FILE).resolve()} ({result.seconds:.0f} s)")
+    return 0 if result.consistent else EXIT_VIOLATION
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a local federation (Flower simulation engine)")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.num_sites=5")
     sim.set_defaults(func=_simulate)
+    audit = sub.add_parser(
+        "audit",
+        help="bound ε from below with one canary training run (Steinke et al. 2023); "
+        "exit 3 if the bound exceeds the ledger's ε",
+    )
+    audit.add_argument("overrides", nargs="*", help="Hydra overrides, as for simulate")
+    audit.add_argument(
+        "--canaries", type=int, default=1000, help="number of canaries m (default 1000)"
+    )
+    audit.add_argument(
+        "--beta", type=float, default=0.05, help="1 - confidence of the bound (default 0.05)"
+    )
+    audit.add_argument(
+        "--kind",
+        choices=["dirac", "input"],
+        default="dirac",
+        help="dirac: white-box gradient canaries (default); input: mislabelled examples",
+    )
+    audit.add_argument("--out", help="new folder for audit.json (default runs/audit-<time>)")
+    audit.add_argument("--seed", type=int, help="repeat an audit exactly (default: fresh)")
+    audit.set_defaults(func=_audit)
     exp = sub.add_parser("export", help="export a run's global adapter (PEFT) or merged model")
     exp.add_argument("run_dir")
     exp.add_argument("--out", required=True, help="new folder to write")
@@ -141,8 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
     certs.set_defaults(func=_certs)
-    keys = sub.add_parser("keys", help="ECDSA key pairs for SuperNode authentication")
+    keys = sub.add_parser(
+        "keys",
+        help="ECDSA key pairs for SuperNode authentication; --coordinator: the Ed25519 key "
+        "that signs the coordinator's instructions",
+    )
     keys.add_argument("--out", required=True, help="folder for <site>.key and <site>.pub")
+    keys.add_argument(
+        "--coordinator",
+        action="store_true",
+        help="also make coordinator.key / coordinator.pub (Ed25519) for signed instructions",
+    )
     keys.add_argument("--sites", type=int, help="make site-1 … site-N")
     keys.add_argument("--name", action="append", help="a site's name (repeatable)")
     keys.add_argument("--force", action="store_true", help="overwrite existing files")

@@ -154,8 +154,11 @@ class PrivacyConfig:
 
     ``epsilon``/``delta`` are the target for the *whole federation* at each site; the
     noise multiplier is calibrated so a site taking part in every round ends within it.
-    ``delta`` None means ``1 / (10 · N)`` for a site with N training examples. A site's
-    own ceiling (node config ``privacy-epsilon-max``) always wins over this target.
+    ``delta`` None means ``1 / (10 · N)`` for a site with N training examples (plain
+    aggregation only: it would reveal N). A site's own ceiling (node config
+    ``privacy-epsilon-max``) and δ (``privacy-delta``) always win over this target.
+    ``sample_rate`` is the Poisson rate q at every site (its expected batch is q·N); None
+    means ``1 / ceil(N / train.batch_size)`` (plain aggregation only: it would reveal N).
     ``ledger_dir`` (simulation only) is where the virtual sites keep their ledgers; a
     real site names its ledger file with the node config key ``ledger-path``.
     """
@@ -163,6 +166,7 @@ class PrivacyConfig:
     enabled: bool = False
     epsilon: float = 8.0
     delta: float | None = None
+    sample_rate: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     clipping: str = "hooks"
@@ -360,6 +364,22 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (
             config.privacy.delta is None or 0 < config.privacy.delta < 1,
             f"privacy.delta={config.privacy.delta}: must be in (0, 1), or null for 1/(10·N)",
+        ),
+        (
+            config.privacy.sample_rate is None or 0 < config.privacy.sample_rate <= 1,
+            f"privacy.sample_rate={config.privacy.sample_rate}: must be in (0, 1], or null for "
+            "1/ceil(N/train.batch_size)",
+        ),
+        (
+            not (
+                config.privacy.enabled
+                and config.secagg.enabled
+                and (config.privacy.delta is None or config.privacy.sample_rate is None)
+            ),
+            f"privacy.delta={config.privacy.delta} and privacy.sample_rate="
+            f"{config.privacy.sample_rate} with secagg.enabled=true: a null δ or sampling rate "
+            "is derived from each site's example count N, and the site would report it; set "
+            "both (e.g. privacy.delta=1e-5 privacy.sample_rate=0.03)",
         ),
         (
             config.privacy.max_grad_norm > 0,

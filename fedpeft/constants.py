@@ -9,6 +9,9 @@ silently desynchronise the ServerApp and the ClientApp.
 # --- run config (coordinator → everyone) -------------------------------------------------
 RUN_OVERRIDES = "overrides"  # space-separated Hydra overrides, e.g. "federation.rounds=5"
 RUN_RESUME_FROM = "resume-from"  # a run directory: continue that federation after its last round
+# ServerApp only: path (on the coordinator's machine) of its Ed25519 key; it signs every
+# train and evaluate instruction with it (sites that name its public key check them).
+RUN_COORDINATOR_KEY = "coordinator-key"
 
 # --- node config (site operator → its own ClientApp; never leaves the site) --------------
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation engine
@@ -17,7 +20,9 @@ NODE_DATA_PATH = "data-path"  # a real site's CSV/JSONL file
 NODE_DEVICE = "device"  # auto | cpu | cuda | mps
 NODE_LEDGER_PATH = "ledger-path"  # the site's privacy ledger file (JSON), kept across runs
 NODE_EPSILON_MAX = "privacy-epsilon-max"  # the site's ε ceiling; the coordinator cannot raise it
-NODE_DELTA = "privacy-delta"  # the site's δ (default: 1/(10·N) at the first run)
+NODE_DELTA = "privacy-delta"  # the site's δ: the federation's privacy.delta is capped by it
+NODE_PRIVACY_REQUIRED = "privacy-required"  # default true: refuse runs with DP off
+NODE_COORDINATOR_PUBLIC_KEY = "coordinator-public-key"  # train only for instructions it signed
 NODE_LORA_RANK = "lora-rank"  # the site's LoRA rank, 1..lora.r (default: lora.r)
 
 # --- message record keys ------------------------------------------------------------------
@@ -37,6 +42,16 @@ CFG_DERIVED_DIGEST = "derived-digest"
 # Stable across a resumed federation (a resumed ServerApp gets a new Flower run id): the key
 # under which sites charge the round to their privacy ledgers.
 CFG_FEDERATION_ID = "federation-id"
+# What a secure round's masked stage releases: TASK_TRAIN (an update) or TASK_EVALUATE
+# (held-out figures, inside the secure sum).
+CFG_TASK = "task"
+TASK_TRAIN = "train"
+TASK_EVALUATE = "evaluate"
+# A secure evaluation sums each site's mean held-out loss capped at this, over the cap
+# (every element of a masked vector must lie within the clip range).
+EVAL_LOSS_CAP = 50.0
+# The coordinator's Ed25519 signature of the instruction (fedpeft.instructions).
+CFG_SIGNATURE = "signature"
 
 # LAYOUT entries, site → server
 LAYOUT_NAMES = "names"
@@ -47,7 +62,6 @@ MET_NUM_EXAMPLES = "num-examples"
 MET_TRAIN_LOSS = "train-loss"
 MET_EVAL_LOSS = "eval-loss"
 MET_EVAL_ACCURACY = "eval-accuracy"
-MET_SECONDS = "seconds"
 # a site training a LoRA rank below lora.r reports it (plain aggregation only; under secure
 # aggregation its rank-slot indicator rides inside the masked vector instead)
 MET_LORA_RANK = "lora-rank"
@@ -69,8 +83,50 @@ PRIVACY_METRICS = (
     MET_MAX_GRAD_NORM,
 )
 
-# an error reply whose reason starts with this is a site refusing for its privacy budget
-REFUSAL_BUDGET = "BudgetExceededError"
+# --- error replies, site → server ----------------------------------------------------------
+# An error reply carries one of these codes and its fixed message, never data-dependent text:
+# Error(code=SITE_ERRORS[name][0], reason=f"{name}: {SITE_ERRORS[name][1]}"). The detail of
+# a failure stays in the site's own log.
+ERR_BUDGET = "budget-exceeded"
+ERR_LEDGER_REQUIRED = "ledger-required"
+ERR_CEILING_REQUIRED = "ceiling-required"
+ERR_DP_REQUIRED = "dp-required"
+ERR_DELTA = "delta-too-large"
+ERR_SIGNATURE = "unsigned-instruction"
+ERR_RELEASE_MISMATCH = "release-mismatch"
+ERR_EVALUATION_REFUSED = "evaluation-refused"
+ERR_PROTOCOL = "protocol-error"
+ERR_BAD_INSTRUCTION = "bad-instruction"
+ERR_SITE_CONFIG = "site-config"
+ERR_SITE_FAILED = "site-failed"
+SITE_ERRORS: dict[str, tuple[int, str]] = {
+    ERR_BUDGET: (4101, "the round would exceed this site's privacy budget; nothing was trained"),
+    ERR_LEDGER_REQUIRED: (
+        4102,
+        "this site has no ledger-path in its node config; it trains nothing",
+    ),
+    ERR_CEILING_REQUIRED: (
+        4103,
+        "this site has no privacy-epsilon-max in its node config; it trains nothing",
+    ),
+    ERR_DP_REQUIRED: (4104, "this site trains only with differential privacy on"),
+    ERR_DELTA: (4105, "the federation's privacy.delta is larger than 1/N at this site"),
+    ERR_SIGNATURE: (4106, "the instruction is not signed by the coordinator this site trusts"),
+    ERR_RELEASE_MISMATCH: (
+        4107,
+        "a retried round came out different from the release already sent; withheld",
+    ),
+    ERR_EVALUATION_REFUSED: (
+        4108,
+        "evaluation refused: not a round this site trained, or a second adapter for it",
+    ),
+    ERR_PROTOCOL: (4109, "the secure-aggregation request does not fit this site's round"),
+    ERR_BAD_INSTRUCTION: (4110, "the instruction is malformed or does not fit this site's model"),
+    ERR_SITE_CONFIG: (4111, "this site's configuration does not fit the run; see the site's log"),
+    ERR_SITE_FAILED: (4112, "the site failed to handle the message; see the site's log"),
+}
+# a site refusing for its privacy budget (the server stops asking it)
+REFUSAL_BUDGET = ERR_BUDGET
 
 # --- secure aggregation (SecAgg+) ----------------------------------------------------------
 # fedpeft.server.secure_aggregation ↔ fedpeft.client.secure_aggregation. A round is four

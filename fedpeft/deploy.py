@@ -7,6 +7,10 @@ This module owns the files a coordinator makes before starting Flower's ``flower
   address sites will dial. They go to ``flower-superlink --ssl-ca-certfile ca.crt
   --ssl-certfile server.pem --ssl-keyfile server.key``; each site and the coordinator's
   ``flwr`` CLI get only ``ca.crt`` (``flower-supernode --root-certificates ca.crt``).
+- the coordinator's Ed25519 signing key (``coordinator.key``, ``coordinator.pub``): the
+  ServerApp signs every train and evaluate instruction with it (run config
+  ``coordinator-key``), and a site whose node config names ``coordinator-public-key``
+  trains only for instructions it signed (:mod:`fedpeft.privacy.signing`);
 - one ECDSA P-384 key pair per site in OpenSSH format: ``<name>.key`` for ``flower-supernode
   --auth-supernode-private-key`` (Flower reads it with ``load_ssh_private_key``) and
   ``<name>.pub`` for ``flwr supernode register`` (``load_ssh_public_key``; Flower accepts NIST
@@ -40,6 +44,7 @@ __all__ = [
     "CertificateFiles",
     "SiteKey",
     "make_certificates",
+    "make_coordinator_key",
     "make_site_keys",
     "site_names",
 ]
@@ -287,3 +292,18 @@ def make_site_keys(out: str | Path, names: Sequence[str], *, force: bool = False
             force=force,
         )
     return keys
+
+
+COORDINATOR_KEY, COORDINATOR_PUB = "coordinator.key", "coordinator.pub"
+
+
+def make_coordinator_key(out: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write the coordinator's Ed25519 key pair into ``out``; return (private, public) paths."""
+    from fedpeft.privacy.signing import generate_key_pair
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / COORDINATOR_KEY, folder / COORDINATOR_PUB
+    _refuse_existing([private, public], force=force)
+    generate_key_pair(private, public, force=force)
+    return private.resolve(), public.resolve()

@@ -93,7 +93,10 @@ def test_federation_sends_down_only_what_sites_cannot_derive(
     tmp_path: Path, strategy: str, a_sent_after_round_1: bool
 ) -> None:
     nodes: dict[int, dict[str, Any]] = {
-        n: {K.NODE_DATA_PATH: str(write_classification_csv(tmp_path / f"{n}.csv", 48, seed=n))}
+        n: {
+            K.NODE_DATA_PATH: str(write_classification_csv(tmp_path / f"{n}.csv", 48, seed=n)),
+            K.NODE_PRIVACY_REQUIRED: "false",  # a plain run: these sites waive DP
+        }
         for n in (1, 2, 3)
     }
     config = tiny_config("classification", tmp_path / "1.csv", f"strategy={strategy}")

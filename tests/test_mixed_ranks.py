@@ -9,6 +9,7 @@ average all three sites, columns 2-3 sites 11 and 22, columns 4-7 site 11 alone.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def _node_configs(tmp: Path) -> dict[int, dict[str, Any]]:
         n: {
             K.NODE_DATA_PATH: str(write_classification_csv(tmp / f"s{n}.csv", n=SIZES[n], seed=n)),
             K.NODE_LORA_RANK: RANKS[n],
+            K.NODE_PRIVACY_REQUIRED: "false",  # a plain run: these sites waive DP
         }
         for n in NODES
     }
@@ -76,6 +78,7 @@ def _request(federation: Federation, nodes: tuple[int, ...] = NODES) -> RoundReq
         trained=federation.strategy.trained_layout(),
         min_sites=2,
         timeout=60.0,
+        federation_id="mixed-ranks",
     )
 
 
@@ -93,7 +96,10 @@ def plain_round(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         "secagg.enabled=true",  # the plain round below ignores it; the secure test uses it
         "secagg.mixed_ranks=true",
     )
-    grid = InProcessGrid(make_client_app(config), node_configs)
+    # the plain round: the same training, replies in the clear (under secure aggregation a
+    # site sends no example count)
+    plain = replace(config, secagg=replace(config.secagg, enabled=False))
+    grid = InProcessGrid(make_client_app(plain), node_configs)
     federation = Federation(grid, config, RunDir(tmp / "unused"), Progress())
     round_request = _request(federation)
     outcome = PlainAggregation().run_round(grid, round_request)
@@ -213,7 +219,7 @@ def test_a_site_of_lower_rank_means_the_same_delta_w(tmp_path: Path) -> None:
     assert (wrong - want).abs().max() > 1e-3  # without alpha·r_i/r the site's ΔW doubles
 
 
-def test_a_bad_rank_is_an_error_reply(tmp_path: Path) -> None:
+def test_a_bad_rank_is_an_error_reply(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     node_configs = _node_configs(tmp_path)
     node_configs[22][K.NODE_LORA_RANK] = 16
     node_configs[33][K.NODE_LORA_RANK] = "0"
@@ -222,15 +228,20 @@ def test_a_bad_rank_is_an_error_reply(tmp_path: Path) -> None:
     )
     grid = InProcessGrid(make_client_app(config), node_configs)
     federation = Federation(grid, config, RunDir(tmp_path / "run"), Progress())
-    outcome = PlainAggregation().run_round(grid, _request(federation))
+    with caplog.at_level(logging.ERROR, logger="fedpeft.client.errors"):
+        outcome = PlainAggregation().run_round(grid, _request(federation))
     assert outcome.contributors == [11]
+    site_log = "\n".join(r.getMessage() for r in caplog.records)
     for node, shown in ((22, "16"), (33, "'0'")):
-        reason = outcome.failures[str(node)]
-        assert f"{K.NODE_LORA_RANK}={shown} is not allowed" in reason and "[1, 8]" in reason
-        assert "--node-config" in reason
+        # the server gets the fixed code; the site's own log names the value and the fix
+        assert outcome.failures[str(node)].startswith(K.ERR_SITE_CONFIG)
+        assert f"{K.NODE_LORA_RANK}={shown} is not allowed" in site_log
+    assert "[1, 8]" in site_log and "--node-config" in site_log
 
 
-def test_lower_rank_under_secagg_without_mixed_ranks_is_refused(tmp_path: Path) -> None:
+def test_lower_rank_under_secagg_without_mixed_ranks_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = tiny_config(
         "classification",
         tmp_path / "unused.csv",
@@ -240,10 +251,12 @@ def test_lower_rank_under_secagg_without_mixed_ranks_is_refused(tmp_path: Path) 
     )
     grid = InProcessGrid(make_client_app(config), _node_configs(tmp_path))
     federation = Federation(grid, config, RunDir(tmp_path / "run"), Progress())
-    outcome = SecureAggregation(config.secagg).run_round(grid, _request(federation))
+    with caplog.at_level(logging.ERROR, logger="fedpeft.client.errors"):
+        outcome = SecureAggregation(config.secagg).run_round(grid, _request(federation))
     assert outcome.mean_delta is None  # one site left, below the SecAgg+ threshold
     for node in (22, 33):
-        assert "secagg.mixed_ranks=true" in outcome.failures[str(node)]
+        assert outcome.failures[str(node)].startswith(K.ERR_SITE_CONFIG)
+    assert "secagg.mixed_ranks=true" in "\n".join(r.getMessage() for r in caplog.records)
 
 
 def test_a_mixed_rank_federation_runs_and_evaluates(tmp_path: Path) -> None:

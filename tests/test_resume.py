@@ -27,10 +27,11 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha:UserWarning"),
 ]
 NODES = (11, 22, 33)
-# Grid exchanges per round: plain = train + evaluate; secure = 4 SecAgg+ stages + evaluate.
-# The crash comes right after the sites answered round 2's training exchange: they have
-# trained and charged round 2 to their ledgers, the server has not checkpointed it.
-CRASH_AFTER = {"plain": 2 + 1, "secure": 5 + 3}
+# Grid exchanges per round: plain = train + evaluate; secure = 4 SecAgg+ stages of training
+# + 4 of the secure evaluation. The crash comes right after the sites answered round 2's
+# training exchange: they have trained and charged round 2 to their ledgers (binding and
+# release digest recorded), the server has not checkpointed it.
+CRASH_AFTER = {"plain": 2 + 1, "secure": 8 + 3}
 # Secure aggregation rounds each update stochastically before masking (fedpeft.privacy.quantize),
 # so two secure runs agree within the quantisation error; plain runs agree exactly.
 TOLERANCE = {"plain": 0.0, "secure": 1e-6}
@@ -95,6 +96,7 @@ def _node_configs(tmp_path: Path, ledgers: str) -> dict[int, dict[str, Any]]:
         configs[node] = {
             K.NODE_DATA_PATH: str(csv),
             K.NODE_LEDGER_PATH: str(tmp_path / ledgers / f"ledger{node}.json"),
+            K.NODE_EPSILON_MAX: 100.0,  # required at a deployed site; the run's ε applies
         }
     return configs
 

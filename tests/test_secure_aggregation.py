@@ -27,7 +27,7 @@ from fedpeft.privacy import masking, shamir
 from fedpeft.privacy.secagg import SecAggConfigError, SecAggServer
 from fedpeft.privacy.secagg_messages import CIPHERTEXT_BYTES
 from fedpeft.privacy.secagg_wire import encode
-from fedpeft.server.aggregation import PlainAggregation, RoundOutcome, RoundRequest
+from fedpeft.server.aggregation import EvalRequest, PlainAggregation, RoundOutcome, RoundRequest
 from fedpeft.server.app import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
@@ -69,6 +69,7 @@ class Sites:
             trained=self.trained,
             min_sites=2,
             timeout=60.0,
+            federation_id="secure",
         )
 
     def mean(self, nodes: Iterable[int]) -> NDArray[np.float64]:
@@ -87,9 +88,12 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Sites:
         "secagg.enabled=true",
     )
     node_configs: dict[int, dict[str, Any]] = {
-        n: {K.NODE_DATA_PATH: str(p)} for n, p in paths.items()
+        n: {K.NODE_DATA_PATH: str(p), K.NODE_PRIVACY_REQUIRED: "false"}  # a plain run
+        for n, p in paths.items()
     }
-    grid = InProcessGrid(make_client_app(config), node_configs)
+    # The same training with replies in the clear (a site under secure aggregation sends no N).
+    plain = replace(config, secagg=replace(config.secagg, enabled=False))
+    grid = InProcessGrid(make_client_app(plain), node_configs)
     federation = Federation(grid, config, RunDir(tmp / "unused"), Progress())
     trained = federation.strategy.trained_layout()
     request = RoundRequest(
@@ -99,6 +103,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Sites:
         trained=trained,
         min_sites=2,
         timeout=60.0,
+        federation_id="secure",
     )
     PlainAggregation().run_round(grid, request)  # the same training, replies in the clear
     deltas, counts = {}, {}
@@ -156,6 +161,43 @@ def test_global_update_is_the_uniform_mean_of_the_deltas(sites: Sites) -> None:
     assert set(row["site_metrics"]) == {str(n) for n in NODES}
 
 
+def test_secure_evaluation_is_the_uniform_mean_of_the_sites_figures(sites: Sites) -> None:
+    grid = sites.grid()
+    federation = Federation(grid, sites.config, RunDir(sites.tmp / "run-eval"), Progress())
+    federation.run()
+    (row,) = [json.loads(line) for line in (sites.tmp / "run-eval" / "metrics.jsonl").open()]
+    # what each site would have said in the clear about the same adapter
+    plain = replace(sites.config, secagg=replace(sites.config.secagg, enabled=False))
+    plain_grid = InProcessGrid(make_client_app(plain), sites.node_configs)
+    request = EvalRequest(
+        round_number=1,
+        nodes=list(NODES),
+        global_flat=federation.global_flat,
+        broadcast=None,
+        federation_id=federation.federation_id,
+        timeout=60.0,
+        min_sites=2,
+    )
+    PlainAggregation().evaluate(plain_grid, request)
+    figures = [r.content.metric_records[K.METRICS] for r in plain_grid.received]
+    accuracies = [float(f[K.MET_EVAL_ACCURACY]) for f in figures]  # type: ignore[arg-type]
+    losses = [float(f[K.MET_EVAL_LOSS]) for f in figures]  # type: ignore[arg-type]
+    assert len(set(accuracies)) > 1  # the sites differ, so a mean is a real check
+    assert row["eval_sites"] == 3
+    assert row["eval_accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-6)
+    assert row["eval_loss"] == pytest.approx(np.mean(losses), abs=1e-6)
+    # and no site said its own figures: the evaluation's masked replies are 3 uint32 values
+    evaluation = [
+        r
+        for r in grid.received
+        if _is_stage(r, K.SECAGG_MASKED) and K.LAYOUT not in r.content.config_records
+    ][-3:]
+    for reply in evaluation:
+        (vector,) = reply.content.array_records[K.SECAGG_ARRAYS].values()
+        assert vector.dtype == "uint32" and vector.shape == (3,)
+        assert dict(reply.content.metric_records[K.METRICS]) == {}
+
+
 # --- (b) what the server receives -----------------------------------------------------------
 
 
@@ -181,7 +223,8 @@ def test_server_receives_only_masked_uint32_vectors(sites: Sites) -> None:
         corr = np.corrcoef(values.astype(np.float64), sites.deltas[node].astype(np.float64))[0, 1]
         assert abs(corr) < 0.15  # ~N(0, 1/size): masked values say nothing about the delta
         metrics = reply.content.metric_records[K.METRICS]
-        assert K.MET_TRAIN_LOSS in metrics and K.MET_NUM_EXAMPLES not in metrics
+        # no per-site figure that depends on the data: no train loss, no example count
+        assert K.MET_TRAIN_LOSS not in metrics and K.MET_NUM_EXAMPLES not in metrics
     for node in NODES:  # the round is over: no keys or shares left in the sites' state
         assert K.SECAGG_STATE not in grid.contexts[node].state
 
@@ -327,13 +370,16 @@ def test_duplicated_reply_is_ignored(sites: Sites, caplog: pytest.LogCaptureFixt
 
 def test_site_error_reply_is_recorded(sites: Sites) -> None:
     node_configs = dict(sites.node_configs)
-    node_configs[33] = {K.NODE_DATA_PATH: str(sites.tmp / "gone.csv")}
+    node_configs[33] = {
+        K.NODE_DATA_PATH: str(sites.tmp / "gone.csv"),
+        K.NODE_PRIVACY_REQUIRED: "false",
+    }
     grid = InProcessGrid(make_client_app(sites.config), node_configs)
     outcome = _run(sites, grid)
-    assert outcome.contributors == [11, 22] and "does not exist" in outcome.failures["33"]
-    # The site's reason as it sent it, as PlainAggregation records it (the privacy report
-    # recognises budget refusals by its first word).
-    assert outcome.failures["33"].split(":")[0].endswith("Error")
+    # The site's fixed code and message, as PlainAggregation records it (the privacy report
+    # recognises budget refusals by the code); the detail stays in the site's log.
+    assert outcome.contributors == [11, 22]
+    assert outcome.failures["33"] == f"{K.ERR_SITE_CONFIG}: {K.SITE_ERRORS[K.ERR_SITE_CONFIG][1]}"
     assert outcome.mean_delta is not None
     np.testing.assert_allclose(outcome.mean_delta, sites.mean([11, 22]), rtol=0, atol=ATOL)
 
@@ -354,19 +400,27 @@ def _error(reply: Message) -> str:
     return str(reply.error.reason)
 
 
-def test_site_refuses_a_request_for_the_wrong_round_or_stage(sites: Sites) -> None:
+def test_site_refuses_a_request_for_the_wrong_round_or_stage(
+    sites: Sites, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(reply: Message, detail: str) -> bool:
+        """The reply is the fixed protocol error; the site's log holds the detail."""
+        fixed = f"{K.ERR_PROTOCOL}: {K.SITE_ERRORS[K.ERR_PROTOCOL][1]}"
+        return _error(reply) == fixed and detail in caplog.records[-1].getMessage()
+
+    caplog.set_level(logging.ERROR, logger="fedpeft.client.errors")
     grid = sites.grid()
     server = SecAggServer(round_id=5, node_ids=[11, 22], vector_length=sites.trained.size, clip=1.0)
     unmask = {"round_id": 5, "node_id": 11, "survived": [11, 22], "dropped": []}
     reply = _send(grid, 11, K.SECAGG_UNMASK, unmask)
-    assert "no secure aggregation round in progress" in _error(reply)
+    assert refused(reply, "no secure aggregation round in progress")
 
     for node, request in server.setup().items():
         reply = _send(grid, node, K.SECAGG_SETUP, dict(encode(request).fields))
         assert not reply.has_error()
     before = grid.contexts[11].state.config_records[K.SECAGG_STATE][K.SECAGG_STATE_CLIENT]
     reply = _send(grid, 11, K.SECAGG_UNMASK, unmask)
-    assert "while in stage share_keys" in _error(reply)
+    assert refused(reply, "while in stage share_keys")
     stale = {
         "round_id": 4,
         "node_id": 11,
@@ -376,9 +430,9 @@ def test_site_refuses_a_request_for_the_wrong_round_or_stage(sites: Sites) -> No
         "mask_keys.values": [],
     }
     reply = _send(grid, 11, K.SECAGG_SHARE_KEYS, stale)
-    assert "is for round 4, but round 5 is in progress" in _error(reply)
+    assert refused(reply, "is for round 4, but round 5 is in progress")
     reply = _send(grid, 11, K.SECAGG_SHARE_KEYS, {"round_id": 5})
-    assert "SecAggProtocolError" in _error(reply)
+    assert refused(reply, "")
     after = grid.contexts[11].state.config_records[K.SECAGG_STATE][K.SECAGG_STATE_CLIENT]
     assert after == before  # refused requests leave the round's state as it was
 
@@ -424,5 +478,6 @@ def test_secure_simulation_through_flowers_engine(cls_csv: Path, tmp_path: Path)
         assert row["sites_sampled"] == row["sites_replied"] == 3
         assert row["sites_failed"] == row["sites_dropped"] == 0
         assert row["bytes_up"] == 3 * (4 * size + _overhead_up(2, 3))
-        assert np.isfinite(row["train_loss"]) and np.isfinite(row["eval_loss"])
+        # no per-site train loss under secure aggregation; evaluation is a secure sum
+        assert row["train_loss"] is None and np.isfinite(row["eval_loss"])
         assert all(K.MET_NUM_EXAMPLES not in m for m in row["site_metrics"].values())

@@ -16,12 +16,28 @@ process per message, and three of the four secure-aggregation stages need none o
 A round is charged to the site's privacy ledger under the federation id the server sends
 (:data:`fedpeft.constants.CFG_FEDERATION_ID`), which stays the same when a crashed server
 resumes the federation under a new Flower run id.
+
+What leaves the site, and why nothing else does (README, "What leaves a site"):
+
+- a train reply carries the delta and the public DP parameters (ε spent, ceiling, δ, σ, q,
+  steps, clip norm). Its example count only under plain aggregation (for weighting); the
+  train loss only without DP and without secure aggregation (a mean loss over private
+  batches has no bounded sensitivity and is not noised); no timing (the server sees when a
+  reply arrives, nothing finer);
+- an evaluation is made at most once per round the site was charged for, of one adapter
+  (the ledger records it); under secure aggregation its figures go only inside a secure sum
+  (:data:`fedpeft.constants.TASK_EVALUATE`), never in the clear;
+- an error reply carries a fixed code and message (:mod:`fedpeft.client.errors`).
+
+Before anything is charged, the site checks its own rules (:mod:`fedpeft.client.privacy`)
+and, when its node config names ``coordinator-public-key``, the coordinator's signature of
+the instruction (:mod:`fedpeft.instructions`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import re
 import zlib
 from collections.abc import Callable
@@ -34,21 +50,24 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
 from fedpeft import constants as K
 from fedpeft.client import secure_aggregation as secure
-from fedpeft.config import FedPeftConfig, from_run_config
+from fedpeft.client.errors import SiteRefusal, error_reply
+from fedpeft.client.rules import SiteRules, require_privacy, site_rules
+from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
+from fedpeft.instructions import config_digest, verify_content
+from fedpeft.privacy.binding import adapter_digest, release_binding, release_key, release_seed
 
 if TYPE_CHECKING:  # imported where used: see the module docstring
     from fedpeft.client.site import Site
+    from fedpeft.client.train import EvalResult
     from fedpeft.model import AdapterLayout
 
 logger = logging.getLogger(__name__)
@@ -56,19 +75,55 @@ _FEDERATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 def ledger_run_id(msg: Message) -> str:
-    """The key of this round's federation in the site's ledger: the server's federation id.
-
-    A server that sends none (an older fedpeft) gets Flower's run id, as before.
-    """
+    """The key of this round's federation in the site's ledger: the server's federation id."""
     value = msg.content.config_records[K.CONFIG].get(K.CFG_FEDERATION_ID, "")
-    if not value:
-        return str(msg.metadata.run_id)
     if not isinstance(value, str) or not _FEDERATION_ID.fullmatch(value):
-        raise ValueError(
-            f"train instruction has {K.CFG_FEDERATION_ID}={value!r}; allowed: 1 to 128 letters, "
-            "digits, '.', '_' or '-' (the server and this site run different fedpeft versions)"
+        raise SiteRefusal(
+            K.ERR_BAD_INSTRUCTION,
+            f"instruction has {K.CFG_FEDERATION_ID}={value!r}; allowed: 1 to 128 letters, "
+            "digits, '.', '_' or '-' (the server and this site run different fedpeft versions)",
         )
     return value
+
+
+def _round(msg: Message) -> int:
+    value = msg.content.config_records[K.CONFIG].get(K.CFG_ROUND)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SiteRefusal(K.ERR_BAD_INSTRUCTION, f"instruction has round={value!r}")
+    return value
+
+
+def verify_instruction(msg: Message, config: FedPeftConfig, rules: SiteRules, task: str) -> None:
+    """Refuse (``SignatureError``) an instruction the trusted coordinator did not sign.
+
+    Without ``coordinator-public-key`` in the node config every instruction is accepted.
+    """
+    if rules.coordinator_key is not None:
+        verify_content(
+            msg.content,
+            rules.coordinator_key,
+            task=task,
+            config_sha256=config_digest(to_yaml(config)),
+        )
+
+
+def release_settings(site: Site, dp: dict[str, object] | None) -> dict[str, object]:
+    """Everything the site's release depends on besides the adapter, names and round: the
+    resolved configuration (where files go aside), its DP plan, and its own node settings."""
+    config = as_dict(site.config)
+    for key in ("output_dir", "experiment_name"):
+        config.pop(key, None)
+    config["privacy"].pop("ledger_dir", None)  # where the ledger is, not what is released
+    return {
+        "config": config,
+        "dp": dp,
+        "site": {
+            "name": site.name,
+            "rank": site.rank,
+            "device": str(site.device),
+            "num_train": site.data.num_train,
+        },
+    }
 
 
 def _global_flat(msg: Message, site: Site) -> NDArray[np.float32]:
@@ -83,21 +138,26 @@ def _global_flat(msg: Message, site: Site) -> NDArray[np.float32]:
     values = msg.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
     entries = msg.content.config_records[K.CONFIG]
     layout = site.global_layout
-    if K.CFG_SENT_NAMES in entries:
-        broadcast = Broadcast(
-            values=values,
-            sent=tuple(str(n) for n in entries[K.CFG_SENT_NAMES]),  # type: ignore[union-attr]
-            derived_digest=str(entries.get(K.CFG_DERIVED_DIGEST, "")),
-        )
-        flat = decode(broadcast, layout, seed=site.config.seed)
-    elif values.dtype != np.float32 or values.shape != (layout.size,):
-        raise ValueError(
-            f"global adapter has dtype {values.dtype} and shape {values.shape}, but this site's "
-            f"model expects float32 ({layout.size},): site and server run different "
-            "model or LoRA settings."
-        )
-    else:
-        flat = values
+    try:
+        if K.CFG_SENT_NAMES in entries:
+            broadcast = Broadcast(
+                values=values,
+                sent=tuple(str(n) for n in entries[K.CFG_SENT_NAMES]),  # type: ignore[union-attr]
+                derived_digest=str(entries.get(K.CFG_DERIVED_DIGEST, "")),
+            )
+            flat = decode(broadcast, layout, seed=site.config.seed)
+        elif values.dtype != np.float32 or values.shape != (layout.size,):
+            raise ValueError(
+                f"global adapter has dtype {values.dtype} and shape {values.shape}, but this "
+                f"site's model expects float32 ({layout.size},): site and server run different "
+                "model or LoRA settings."
+            )
+        else:
+            flat = values
+    except ValueError as error:
+        raise SiteRefusal(K.ERR_BAD_INSTRUCTION, str(error)) from error
+    if not np.isfinite(flat).all():
+        raise SiteRefusal(K.ERR_BAD_INSTRUCTION, "the global adapter holds non-finite values")
     return slice_to_rank(flat, layout, site.rank)
 
 
@@ -106,17 +166,24 @@ class LocalUpdate:
     """A site's update for one round, before it is packed or masked."""
 
     delta: NDArray[np.float32]  # laid out as ``layout``
-    layout: AdapterLayout  # the trained tensors at the federation's rank lora.r
+    layout: AdapterLayout | None  # the trained tensors at rank lora.r; None: evaluation figures
     metrics: dict[str, int | float]  # figures reported next to the update
     rank_slots: NDArray[np.float32]  # (lora.r,) 1.0 for the rank slots this site trained, else 0
+    # Seeds the stochastic rounding of secure aggregation's quantiser: fixed per release, so a
+    # retried round masks the identical quantised vector (fedpeft.privacy.quantize).
+    rounding_seed: int = 0
 
 
 def local_update(msg: Message, site: Site) -> LocalUpdate:
     """Train on the site's data as the train instruction ``msg`` asks; return the delta.
 
-    With ``privacy.enabled`` the round is first charged to the site's privacy ledger —
-    refused (``BudgetExceededError``, nothing trained) when it would cross the site's
-    ceiling — and then trained with DP-SGD; the reply reports ε spent so far.
+    With ``privacy.enabled`` the release is first bound and charged to the site's privacy
+    ledger — refused (``BudgetExceededError``, nothing trained) when it would cross the
+    site's ceiling — then trained with DP-SGD whose sampling and noise are keyed by the
+    site's secret and the binding (:mod:`fedpeft.privacy.binding`): the same instruction
+    repeats the same release and is charged once; any change of input is charged again with
+    fresh randomness. The digest of the delta is recorded in the ledger before it is sent; a
+    retry that comes out different is withheld (``ReleaseMismatchError``).
 
     A site of rank ``r_i < lora.r`` trains the leading block of the global factors and pads
     its delta with zeros to the global trained layout (:mod:`fedpeft.ranks`); it reports its
@@ -126,13 +193,93 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
     from fedpeft.client.train import train_local
     from fedpeft.ranks import pad_to_rank, rank_indicator
 
+    config = site.config
     instructions = msg.content.config_records[K.CONFIG]
-    round_number = int(instructions[K.CFG_ROUND])  # type: ignore[arg-type]
+    round_number = _round(msg)
     trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]  # type: ignore[union-attr]
+    run_id = ledger_run_id(msg)
+    require_privacy(config, site_rules(site.node_config))
     global_flat = _global_flat(msg, site)
     privacy = None
+    if config.privacy.enabled:
+        privacy = site_privacy(
+            config,
+            site.node_config,
+            site_name=site.name,
+            num_train=site.data.num_train,
+            run_id=run_id,
+        )
+    binding = release_binding(
+        federation_id=run_id,
+        round_number=round_number,
+        task=K.TASK_TRAIN,
+        adapter_sha256=adapter_digest(global_flat.tobytes()),
+        trained_names=trained_names,
+        settings=release_settings(site, privacy.settings() if privacy is not None else None),
+    )
+    noise_key = None
+    seed = config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode())
+    if privacy is not None:
+        privacy.charge(run_id=run_id, round_number=round_number, binding=binding)
+        # Under DP the sampling and noise come from a key only the site can derive, bound to
+        # every input of this release (a coordinator can neither predict nor reuse it).
+        noise_key = release_key(privacy.secret, binding)
+        seed = release_seed(noise_key)
+    result = train_local(
+        site.loaded,
+        site.data.train,
+        global_flat=global_flat,
+        trained_names=trained_names,
+        config=config.train,
+        device=site.device,
+        seed=seed,
+        dp=privacy.dp if privacy is not None else None,
+        noise_key=noise_key,
+    )
+    layout = site.global_layout.subset(lambda n: n in set(trained_names))
+    delta = pad_to_rank(result.delta, layout, site.rank)
+    if privacy is not None:
+        privacy.ledger.attach_release(
+            run_id=run_id,
+            round=round_number,
+            binding=binding,
+            release=adapter_digest(delta.tobytes()),
+        )
+    metrics: dict[str, int | float] = {}
+    if not config.secagg.enabled:  # plain aggregation: the server weighs updates by N
+        metrics[K.MET_NUM_EXAMPLES] = result.num_examples
+        if privacy is None:  # without DP nothing of this reply is protected anyway
+            metrics[K.MET_TRAIN_LOSS] = result.train_loss
+    if site.rank < config.lora.r:
+        metrics[K.MET_LORA_RANK] = site.rank
+    if privacy is not None:
+        metrics.update(privacy.metrics())
+    return LocalUpdate(
+        delta=delta,
+        layout=layout,
+        metrics=metrics,
+        rank_slots=rank_indicator(site.rank, config.lora.r),
+        rounding_seed=seed,
+    )
+
+
+def _evaluate(msg: Message, site: Site) -> tuple[EvalResult, str]:
+    """Evaluate the instruction's adapter on the held-out split, within the site's bound;
+    return the figures and the adapter's digest.
+
+    Under DP the site evaluates only a round it was charged for, and one adapter per round
+    (recorded in its ledger before evaluating): held-out figures are not DP, so they are
+    bounded by the rounds the site trained.
+    """
+    from fedpeft.client.privacy import site_privacy
+    from fedpeft.client.train import evaluate_local
+
+    round_number = _round(msg)
+    run_id = ledger_run_id(msg)
+    require_privacy(site.config, site_rules(site.node_config))
+    global_flat = _global_flat(msg, site)
+    digest = adapter_digest(global_flat.tobytes())
     if site.config.privacy.enabled:
-        run_id = ledger_run_id(msg)
         privacy = site_privacy(
             site.config,
             site.node_config,
@@ -140,48 +287,54 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
             num_train=site.data.num_train,
             run_id=run_id,
         )
-        privacy.charge(
-            run_id=run_id,
-            round_number=round_number,
-            global_digest=hashlib.sha256(global_flat.tobytes()).hexdigest(),
-        )
-    result = train_local(
+        privacy.ledger.record_evaluation(run_id=run_id, round=round_number, adapter=digest)
+    result = evaluate_local(
         site.loaded,
-        site.data.train,
+        site.data.test,
         global_flat=global_flat,
-        trained_names=trained_names,
-        config=site.config.train,
+        batch_size=site.config.train.eval_batch_size,
         device=site.device,
-        # Under DP the sampling and noise seed comes from a secret only the site holds, so
-        # the coordinator cannot replay them; it is stable per (federation, round) at the site.
-        seed=(
-            privacy.seed(run_id=run_id, round_number=round_number)
-            if privacy is not None
-            else site.config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode())
-        ),
-        dp=privacy.dp if privacy is not None else None,
     )
-    layout = site.global_layout.subset(lambda n: n in set(trained_names))
-    metrics: dict[str, int | float] = {
-        K.MET_NUM_EXAMPLES: result.num_examples,
-        K.MET_TRAIN_LOSS: result.train_loss,
-        K.MET_SECONDS: result.seconds,
-    }
-    if site.rank < site.config.lora.r:
-        metrics[K.MET_LORA_RANK] = site.rank
-    if privacy is not None:
-        metrics.update(privacy.metrics())
+    return result, digest
+
+
+def secure_evaluation(msg: Message, site: Site) -> LocalUpdate:
+    """The held-out figures as the three elements a secure evaluation sums.
+
+    ``(c · accuracy, c · min(loss, cap) / cap, c)`` with ``c = secagg.clip_range`` and
+    ``cap =`` :data:`fedpeft.constants.EVAL_LOSS_CAP`: every element lies in ``[0, c]``, so
+    quantisation keeps it, and the server learns only the sums — the mean accuracy and loss
+    over the sites that evaluated, and how many did.
+    """
+    result, digest = _evaluate(msg, site)
+    c = float(site.config.secagg.clip_range)
+    if result.num_examples == 0 or not (
+        math.isfinite(result.loss) and math.isfinite(result.accuracy)
+    ):
+        vector = np.zeros(3, dtype=np.float32)  # nothing to report: counts as not evaluated
+    else:
+        loss = min(result.loss, K.EVAL_LOSS_CAP) / K.EVAL_LOSS_CAP
+        vector = np.array([c * result.accuracy, c * loss, c], dtype=np.float32)
     return LocalUpdate(
-        delta=pad_to_rank(result.delta, layout, site.rank),
-        layout=layout,
-        metrics=metrics,
-        rank_slots=rank_indicator(site.rank, site.config.lora.r),
+        delta=vector,
+        layout=None,
+        metrics={},
+        rank_slots=np.zeros(0, dtype=np.float32),
+        rounding_seed=int(digest[:15], 16),
     )
 
 
 def handle_train(msg: Message, site: Site) -> RecordDict:
-    """Train locally and return the delta of the tensors the server asked for."""
+    """Train locally and return the delta of the tensors the server asked for (plain
+    aggregation only: under secure aggregation a delta leaves the site only masked)."""
+    if site.config.secagg.enabled:
+        raise SiteRefusal(
+            K.ERR_BAD_INSTRUCTION,
+            "a plain train message under secure aggregation: the delta would leave the site "
+            "in the clear; only the masked stage of a secure round is answered",
+        )
     update = local_update(msg, site)
+    assert update.layout is not None  # a train update always has one
     return RecordDict(
         {
             K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(update.delta)}),
@@ -197,20 +350,19 @@ def handle_train(msg: Message, site: Site) -> RecordDict:
 
 
 def handle_evaluate(msg: Message, site: Site) -> RecordDict:
-    """Evaluate the global adapter on the site's held-out split.
+    """Evaluate the global adapter on the site's held-out split (plain aggregation only).
 
     A site of rank ``r_i < lora.r`` evaluates the adapter's leading rank-``r_i`` block, the
-    model it can run.
+    model it can run. Under secure aggregation per-site figures never leave the site in the
+    clear: the server asks for a secure evaluation instead (:func:`secure_evaluation`).
     """
-    from fedpeft.client.train import evaluate_local
-
-    result = evaluate_local(
-        site.loaded,
-        site.data.test,
-        global_flat=_global_flat(msg, site),
-        batch_size=site.config.train.eval_batch_size,
-        device=site.device,
-    )
+    if site.config.secagg.enabled:
+        raise SiteRefusal(
+            K.ERR_EVALUATION_REFUSED,
+            "a plain evaluate message under secure aggregation: per-site figures would leave "
+            "the site in the clear; only a secure evaluation is answered",
+        )
+    result, _ = _evaluate(msg, site)
     return RecordDict(
         {
             K.METRICS: MetricRecord(
@@ -218,7 +370,6 @@ def handle_evaluate(msg: Message, site: Site) -> RecordDict:
                     K.MET_NUM_EXAMPLES: result.num_examples,
                     K.MET_EVAL_LOSS: result.loss,
                     K.MET_EVAL_ACCURACY: result.accuracy,
-                    K.MET_SECONDS: result.seconds,
                 }
             )
         }
@@ -230,21 +381,33 @@ def _answer(
     context: Context,
     config: FedPeftConfig | None,
     handler: Callable[[Message, Site], RecordDict],
+    *,
+    task: str | None,
 ) -> Message:
+    """Run ``handler`` on the site's resources; a refusal or failure becomes an error reply.
+
+    ``task`` (train / evaluate) names what the instruction releases: its signature is
+    checked, when the site trusts a coordinator key, before any resource is loaded.
+    """
     try:
         from fedpeft.client.site import load_site
 
         resolved = config if config is not None else from_run_config(context.run_config)
+        if task is not None:
+            verify_instruction(msg, resolved, site_rules(context.node_config), task)
         site = load_site(resolved, context.node_config)
         return Message(handler(msg, site), reply_to=msg)
     except Exception as err:  # a site's failure is a recorded error, not a crashed federation
-        logger.exception("site failed to handle %s", msg.metadata.message_type)
-        return Message(
-            Error(
-                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"
-            ),
-            reply_to=msg,
-        )
+        return error_reply(msg, err)
+
+
+def masked_task(msg: Message) -> str:
+    """What a secure round's masked stage asks for: a train update or an evaluation."""
+    config = msg.content.config_records.get(K.CONFIG, ConfigRecord())
+    task = config.get(K.CFG_TASK, K.TASK_TRAIN)
+    if task not in (K.TASK_TRAIN, K.TASK_EVALUATE):
+        raise SiteRefusal(K.ERR_BAD_INSTRUCTION, f"secure round asks for task {task!r}")
+    return str(task)
 
 
 def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
@@ -253,11 +416,11 @@ def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, config, handle_train)
+        return _answer(msg, context, config, handle_train, task=K.TASK_TRAIN)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, config, handle_evaluate)
+        return _answer(msg, context, config, handle_evaluate, task=K.TASK_EVALUATE)
 
     # Secure aggregation (SecAgg+): four exchanges per round, "train.<action>" messages.
     @client_app.train(K.SECAGG_SETUP)
@@ -270,6 +433,11 @@ def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
 
     @client_app.train(K.SECAGG_MASKED)
     def secagg_masked(msg: Message, context: Context) -> Message:
+        try:
+            task = masked_task(msg)
+        except SiteRefusal as err:
+            return error_reply(msg, err)
+        work = local_update if task == K.TASK_TRAIN else secure_evaluation
         return _answer(
             msg,
             context,
@@ -277,9 +445,10 @@ def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
             lambda m, site: secure.handle_masked(
                 m,
                 context,
-                train=lambda: local_update(m, site),
-                rank_slots=site.config.secagg.mixed_ranks,
+                train=lambda: work(m, site),
+                rank_slots=task == K.TASK_TRAIN and site.config.secagg.mixed_ranks,
             ),
+            task=task,
         )
 
     @client_app.train(K.SECAGG_UNMASK)

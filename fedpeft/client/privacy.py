@@ -1,18 +1,30 @@
-"""A site's differential privacy: its budget, its ledger, its noise, and charging a round.
+"""A site's differential privacy: its rules, its budget, its ledger, and charging a round.
 
-The site has the last word on privacy. Its ε ceiling is the lower of the coordinator's
-target (``privacy.epsilon``) and the operator's node config ``privacy-epsilon-max``; its
-ledger lives on its own disk (node config ``ledger-path``, or ``privacy.ledger_dir`` in
-a simulation) and outlives runs. The noise multiplier is calibrated once per run so that
-the ledger's earlier history plus every planned round of this run stays within the
-ceiling; each round is charged to the ledger *before* training and refused, training
-nothing, when it would cross the ceiling. DP-SGD itself is :mod:`fedpeft.privacy.dp`.
+The site has the last word on privacy (:class:`SiteRules`, from its node config). On a
+deployed site — any node that is not a simulation partition — the coordinator cannot lower
+it:
+
+- the ledger is the node config's ``ledger-path`` (required; ``privacy.ledger_dir`` is
+  ignored) and the ceiling ``privacy-epsilon-max`` (required); the ceiling actually used is
+  the lower of it and the coordinator's ``privacy.epsilon``;
+- a run with DP off is refused unless the node config says ``privacy-required=false``;
+- δ is the ledger's own once it exists; a new ledger takes the lower of the federation's
+  ``privacy.delta`` and the node's ``privacy-delta``; a δ above ``1/N`` is refused.
+
+In a simulation the virtual sites keep their ledgers in ``privacy.ledger_dir`` and take the
+coordinator's ε as their ceiling (the researcher is both sides).
+
+Nothing the site reports depends on its example count N when the coordinator sets the
+sampling rate (``privacy.sample_rate``) and δ: σ is calibrated from (ceiling, δ, q, steps)
+and the ledger's history only. The noise multiplier is calibrated once per run so that the
+ledger's earlier history plus every planned round of this run stays within the ceiling;
+each round is charged to the ledger *before* training, under the binding of everything
+that shapes its release (:mod:`fedpeft.privacy.binding`), and refused, training nothing,
+when it would cross the ceiling. DP-SGD itself is :mod:`fedpeft.privacy.dp`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -22,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft import constants as K
+from fedpeft.client.errors import SiteRefusal
+from fedpeft.client.rules import SiteRules, require_privacy, site_rules
 from fedpeft.client.train import DPSettings
 from fedpeft.config import ConfigError, FedPeftConfig
 from fedpeft.privacy.calibration import calibrate_noise_multiplier, compute_epsilon
@@ -61,33 +75,6 @@ def site_secret(ledger_file: Path) -> bytes:
     return key
 
 
-def _bind_round(ledger_file: Path, *, run_id: str, round_number: int, global_digest: str) -> None:
-    """Remember which global adapter each charged round started from; refuse a different one."""
-    path = ledger_file.with_name(ledger_file.name + ".rounds.json")
-    bound: dict[str, str] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    key = f"{run_id}/{round_number}"
-    if key in bound and bound[key] != global_digest:
-        raise PrivacyConfigError(
-            f"{REPLAY_REFUSAL}: round {round_number} of federation {run_id!r} was already "
-            "charged for a different global adapter; training it again would release a second "
-            "update for one charge. The coordinator must start a new round."
-        )
-    if key not in bound:
-        bound[key] = global_digest
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(bound, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-
-
-REPLAY_REFUSAL = "replayed round refused"
-
-
-def round_seed(secret: bytes, *, run_id: str, round_number: int) -> int:
-    """HMAC-SHA256(secret, "run/round") as a 63-bit seed: stable for a retried round."""
-    digest = hmac.new(secret, f"{run_id}/{round_number}".encode(), hashlib.sha256)
-    return int.from_bytes(digest.digest()[:8], "big") >> 1
-
-
 @dataclass(frozen=True)
 class SitePrivacy:
     """A site's privacy settings for one run, ready to charge rounds."""
@@ -102,25 +89,32 @@ class SitePrivacy:
     clipping: str
     secret: bytes
 
-    def seed(self, *, run_id: str, round_number: int) -> int:
-        """A 63-bit seed for this round's sampling and noise, known only to the site."""
-        return round_seed(self.secret, run_id=run_id, round_number=round_number)
-
     @property
     def dp(self) -> DPSettings:
-        return DPSettings(self.noise_multiplier, self.max_grad_norm, self.clipping)
-
-    def charge(self, *, run_id: str, round_number: int, global_digest: str) -> None:
-        """Charge one round before training; raises ``BudgetExceededError`` past the ceiling.
-
-        A round already charged is trained again without a second charge only when it starts
-        from the same global adapter (a retry after a crash, which repeats the same noisy
-        release); asked again with a different adapter, the site refuses: that would be a
-        second release for one charge.
-        """
-        _bind_round(
-            self.ledger.path, run_id=run_id, round_number=round_number, global_digest=global_digest
+        return DPSettings(
+            self.noise_multiplier, self.max_grad_norm, self.clipping, self.sample_rate
         )
+
+    def settings(self) -> dict[str, object]:
+        """The DP plan as it enters a release's binding."""
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps_per_round,
+            "max_grad_norm": self.max_grad_norm,
+            "clipping": self.clipping,
+            "delta": self.delta,
+            "accountant": self.ledger.accountant,
+        }
+
+    def charge(self, *, run_id: str, round_number: int, binding: str) -> None:
+        """Charge one release before training; raises ``BudgetExceededError`` past the ceiling.
+
+        The ledger entry is keyed by ``binding``, the digest of everything that shapes the
+        release: a retry with identical inputs (a crash) finds its entry and is not charged
+        again — it repeats the identical release; any change of input is another release,
+        charged again, with its own randomness.
+        """
         self.ledger.record(
             run_id=run_id,
             round=round_number,
@@ -128,6 +122,7 @@ class SitePrivacy:
             sample_rate=self.sample_rate,
             steps=self.steps_per_round,
             ceiling_epsilon=self.ceiling,
+            binding=binding,
         )
 
     def metrics(self) -> dict[str, float | int]:
@@ -144,27 +139,18 @@ class SitePrivacy:
         }
 
 
-def _float_setting(node_config: Mapping[str, object], key: str) -> float | None:
-    if key not in node_config:
-        return None
-    value = node_config[key]
-    try:
-        return float(str(value))
-    except ValueError:
-        raise ConfigError(f"node config {key}={value!r} is not a number") from None
-
-
-def ledger_path(config: FedPeftConfig, node_config: Mapping[str, object], site_name: str) -> Path:
-    """Where this site's ledger lives: node config first, then the simulation's folder."""
-    if K.NODE_LEDGER_PATH in node_config:
-        return Path(str(node_config[K.NODE_LEDGER_PATH])).expanduser()
-    if config.privacy.ledger_dir:
+def ledger_path(config: FedPeftConfig, rules: SiteRules, site_name: str) -> Path:
+    """Where this site's ledger lives: its node config; in a simulation, the run's folder."""
+    if rules.ledger_path is not None:
+        return rules.ledger_path
+    if not rules.deployed and config.privacy.ledger_dir:
         slug = site_name.replace(" ", "-").replace("/", "_")
         return Path(config.privacy.ledger_dir) / f"{slug}.json"
-    raise ConfigError(
+    raise SiteRefusal(
+        K.ERR_LEDGER_REQUIRED,
         f"privacy.enabled=true but this site has no ledger: start its SuperNode with "
         f"--node-config \"{K.NODE_LEDGER_PATH}='/var/lib/fedpeft/ledger.json'\" (a file on the "
-        "site's disk that is kept across runs)."
+        "site's disk that is kept across runs).",
     )
 
 
@@ -235,27 +221,42 @@ def site_privacy(
     num_train: int,
     run_id: str,
 ) -> SitePrivacy:
-    """The site's privacy plan for this run (calibrated once, then cached)."""
-    path = ledger_path(config, node_config, site_name)
-    key = repr((run_id, str(path), config.privacy, config.train, config.federation.rounds))
+    """The site's privacy plan for this run (calibrated once, then cached).
+
+    Raises
+    ------
+    SiteRefusal
+        On a deployed site without ``ledger-path`` or ``privacy-epsilon-max``, or when δ
+        would exceed ``1/N``.
+    """
+    rules = site_rules(node_config)
+    require_privacy(config, rules)
+    path = ledger_path(config, rules, site_name)
+    key = repr((run_id, str(path), config.privacy, config.train, config.federation.rounds, rules))
     if key in _PLANS:
         return _PLANS[key]
-    node_ceiling = _float_setting(node_config, K.NODE_EPSILON_MAX)
     ceiling = (
         config.privacy.epsilon
-        if node_ceiling is None
-        else min(node_ceiling, config.privacy.epsilon)
+        if rules.epsilon_max is None
+        else min(rules.epsilon_max, config.privacy.epsilon)
     )
-    delta = (
-        _float_setting(node_config, K.NODE_DELTA)
-        or config.privacy.delta
-        or _stored_delta(path)
-        or 1.0 / (10 * num_train)
-    )
+    # δ: fixed for the ledger's life; a new ledger takes the lowest δ anyone asked for. Only
+    # when neither side set one (plain aggregation only, see fedpeft.config) does δ depend on N.
+    asked = [d for d in (config.privacy.delta, rules.delta) if d is not None]
+    delta = _stored_delta(path) or (min(asked) if asked else 1.0 / (10 * num_train))
+    if delta > 1.0 / num_train:
+        raise SiteRefusal(
+            K.ERR_DELTA,
+            f"δ={delta:g} exceeds 1/N = {1.0 / num_train:g} for this site's {num_train} "
+            "training examples: with such a δ the guarantee allows releasing an example "
+            "outright. Ask the coordinator for a smaller privacy.delta, or set node config "
+            f"{K.NODE_DELTA}.",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     ledger = PrivacyLedger(path, delta=delta, accountant=config.privacy.accountant)
-    # Poisson sampling at the rate Opacus uses for a loader of ceil(N / B) batches.
-    sample_rate = 1.0 / math.ceil(num_train / config.train.batch_size)
+    # Poisson sampling at the coordinator's rate q (the same at every site, so it reveals no
+    # N); without one, at the rate Opacus uses for a loader of ceil(N / B) batches.
+    sample_rate = config.privacy.sample_rate or 1.0 / math.ceil(num_train / config.train.batch_size)
     steps = config.train.local_steps
     if config.privacy.noise_multiplier is not None:
         sigma = float(config.privacy.noise_multiplier)

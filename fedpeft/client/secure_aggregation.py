@@ -35,15 +35,14 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     MetricRecordValues,
     RecordDict,
 )
-from flwr.common.constant import ErrorCode
 
 from fedpeft import constants as K
+from fedpeft.client.errors import error_reply
 from fedpeft.privacy.secagg import (
     EncryptedShares,
     MaskedVectorRequest,
@@ -150,7 +149,9 @@ def handle_masked(
     client.check_request(request)
     update = train()
     vector = np.concatenate([update.delta, update.rank_slots]) if rank_slots else update.delta
-    masked = client.collect_masked_vectors(request, update=vector)
+    masked = client.collect_masked_vectors(
+        request, update=vector, rng=np.random.default_rng(update.rounding_seed)
+    )
     _save(context, client)
     if client.num_clipped:
         logger.warning(
@@ -188,10 +189,4 @@ def answer_stage(
     try:
         return Message(handler(msg, context), reply_to=msg)
     except Exception as err:  # a site's failure is a recorded error, not a crashed federation
-        logger.exception("site failed to handle %s", msg.metadata.message_type)
-        return Message(
-            Error(
-                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"
-            ),
-            reply_to=msg,
-        )
+        return error_reply(msg, err)

@@ -33,8 +33,6 @@ from fedpeft.losses import per_example_loss
 from fedpeft.model import LoadedModel, get_flat, set_flat
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-# Separates the noise stream from the sampling stream drawn from the same (site-secret) seed.
-NOISE_SEED_SALT = 0x5DEECE66D
 
 
 @dataclass(frozen=True)
@@ -153,11 +151,13 @@ def make_optimizer(
 
 @dataclass(frozen=True)
 class DPSettings:
-    """DP-SGD for one round: noise multiplier σ, clip norm C and Opacus's clipping mode."""
+    """DP-SGD for one round: noise multiplier σ, clip norm C, Opacus's clipping mode and the
+    Poisson rate q (None: ``1 / len(loader)``, Opacus's own choice)."""
 
     noise_multiplier: float
     max_grad_norm: float
     clipping: str = "hooks"
+    sample_rate: float | None = None
 
 
 def train_local(
@@ -170,12 +170,16 @@ def train_local(
     device: torch.device,
     seed: int,
     dp: DPSettings | None = None,
+    noise_key: bytes | None = None,
 ) -> TrainResult:
     """Train the named adapter tensors for ``config.local_steps`` steps.
 
     With ``dp``, every step is a DP-SGD step through :func:`fedpeft.privacy.dp.make_private`:
-    Poisson-sampled batches (an empty one still takes a noise-only step, as the accountant
-    assumes), per-example clipping to ``dp.max_grad_norm`` and Gaussian noise.
+    Poisson-sampled batches at rate ``dp.sample_rate`` (an empty one still takes a noise-only
+    step, as the accountant assumes), per-example clipping to ``dp.max_grad_norm`` and
+    Gaussian noise; sampling and noise are drawn from a ChaCha20 stream keyed by
+    ``noise_key`` (known only to the site; a fresh random key if None). ``seed`` drives only
+    what protects nothing: shuffling without DP and LoRA dropout.
     """
     start = time.perf_counter()
     model = loaded.peft_model
@@ -216,7 +220,8 @@ def train_local(
             max_grad_norm=dp.max_grad_norm,
             grad_sample_mode=dp.clipping,  # type: ignore[arg-type]
             max_steps=config.local_steps,
-            noise_generator=torch.Generator(device=device).manual_seed(seed ^ NOISE_SEED_SALT),
+            sample_rate=dp.sample_rate,
+            noise_key=noise_key,
         ) as session:
             while session.steps < config.local_steps:
                 for batch in session.data_loader:

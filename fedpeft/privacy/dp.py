@@ -4,7 +4,8 @@ This module owns one round of private training's *mechanics*: checking that a mo
 trained with DP-SGD, attaching Opacus' per-sample-gradient hooks to it, wrapping the optimizer
 (per-sample clipping + Gaussian noise) and the data loader (Poisson sampling), the backward pass
 that is correct in every grad-sample mode, and removing every trace of Opacus afterwards so the
-same cached model can be wrapped again next round. It leaves to others: the loss
+same cached model can be wrapped again next round. The random draws themselves (ChaCha20
+streams) belong to :mod:`fedpeft.privacy.randomness`. It leaves to others: the loss
 (:mod:`fedpeft.losses`), the noise multiplier (:mod:`fedpeft.privacy.calibration`), the budget
 across rounds and runs (:mod:`fedpeft.privacy.ledger`; the ``PrivacyEngine`` accountant used
 here lives for one round only and is not consulted) and the training loop itself.
@@ -20,12 +21,42 @@ attached to the caller's model in place, so ``session.module`` *is* the peft mod
   skips clipping; a step without it raises instead of updating;
 - a noise-only step for an empty Poisson batch, which many models cannot run forward;
 - a cap on steps (the round's charge in the ledger) and a :meth:`DPSession.close` that also
-  clears what Opacus' own ``cleanup`` leaves behind (``summed_grad``, captured activations).
+  clears what Opacus' own ``cleanup`` leaves behind (``summed_grad``, captured activations);
+- noise and Poisson sampling from a cryptographically secure, keyed source, and an explicit
+  sampling rate.
 
-Randomness: ``secure_mode`` needs ``torchcsprng``, which is unavailable, so noise and Poisson
-sampling come from torch's default (Mersenne-Twister-based) generators, as in Opacus' default
-mode; Opacus warns "Secure RNG turned off" once per process. The accounting is unaffected, but
-this is not a cryptographically secure source (see Opacus' ``_generate_noise``).
+Randomness: the Gaussian noise and the Poisson sampling are drawn from two ChaCha20
+keystreams keyed by HKDF-SHA256 sub-keys of the session's ``noise_key``
+(:func:`fedpeft.privacy.randomness.session_streams`); no torch or numpy generator feeds either.
+Opacus' own secure path (``secure_mode=True``) needs ``torchcsprng``, which cannot be
+installed, so the engine runs with ``secure_mode=False`` and two of its pieces are replaced:
+
+- noise: the session's optimizer *instance* gets its own ``add_noise``, shadowing the class's
+  (``DPOptimizer.add_noise`` in hooks and functorch modes,
+  ``DPOptimizerFastGradientClipping.add_noise`` in ghost mode). It is a line-for-line copy of
+  Opacus' that draws ``N(0, (σC)^2)`` from the noise stream where Opacus calls
+  ``_generate_noise`` with a torch generator; both classes' ``pre_step`` call
+  ``self.add_noise()`` between clipping (or ghost accumulation) and ``scale_grad``, so
+  clipping, scaling, the step hook and empty batches are untouched;
+- sampling: ``PrivacyEngine.make_private(poisson_sampling=True)`` still builds its
+  ``DPDataLoader`` (and forbids gradient accumulation), but that loader is discarded without
+  ever being iterated, so its torch generator draws nothing; :attr:`DPSession.data_loader` is a
+  :class:`PoissonDataLoader`, whose batch sampler draws from the sampling stream and whose
+  empty-batch handling is Opacus' own (``wrap_collate_with_empty``).
+
+``PrivacyEngine(secure_mode=False)`` still warns "Secure RNG turned off" (from its
+``__init__``, unconditionally; shown once per process under Python's default filters). The
+warning is about the torch generators of ``_generate_noise`` and of the ``DPDataLoader``,
+neither of which is used here, so it no longer applies. It is not silenced here (a warnings
+filter is process-wide state); callers may filter it by its message. What ``secure_mode`` does
+beyond its generator (summing four Gaussians against floating-point attacks) is not reproduced:
+see :mod:`fedpeft.privacy.randomness`. torch's generators still seed DataLoader workers and
+LoRA dropout, which the privacy analysis does not involve.
+
+The same ``noise_key`` gives the same batches and the same noise, so a retried round repeats
+its update exactly (given deterministic kernels). Never reuse a key for a different round: an
+observer of both updates could cancel the shared noise. Derive one per round from a site
+secret, or pass none for a fresh random key.
 
 Order of operations (opacus#820): put the base model on its final device and dtype, apply
 peft, *then* create the optimizer, *then* call :func:`make_private`. While a session is open,
@@ -39,18 +70,22 @@ Typing: Opacus ships no type information (no ``py.typed``); the project's mypy c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence, Sized
+from functools import partial
 from typing import Literal, cast, get_args
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import IllegalModuleConfigurationError
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data._utils.collate import default_collate
 
 from fedpeft.losses import Reduction, batch_loss
 from fedpeft.privacy.errors import (
@@ -59,10 +94,19 @@ from fedpeft.privacy.errors import (
     PrivacyConfigError,
     PrivacyError,
 )
+from fedpeft.privacy.randomness import (
+    KEY_BYTES,
+    KeyedStream,
+    PoissonBatchSampler,
+    floor_tolerant,
+    new_session_key,
+    session_streams,
+)
 
 __all__ = [
     "DPSession",
     "GradSampleMode",
+    "PoissonDataLoader",
     "find_dp_problems",
     "make_private",
     "poisson_sample_rate",
@@ -90,6 +134,8 @@ _MODULE_ATTRS = (
 # Parameter-name fragments of peft layers Opacus cannot give correct per-sample gradients for.
 _DORA_MARK = "lora_magnitude_vector"
 _LORA_EMBEDDING_MARKS = ("lora_embedding_A", "lora_embedding_B")
+# The optimizer classes whose add_noise _add_keyed_noise reproduces (flat clipping, one process).
+_NOISE_REPLACED = (DPOptimizer, DPOptimizerFastGradientClipping)
 
 
 def poisson_sample_rate(data_loader: DataLoader[object]) -> float:
@@ -157,6 +203,8 @@ def _check_settings(
     grad_sample_mode: str,
     loss_reduction: str,
     max_steps: int | None,
+    noise_key: object,
+    sample_rate: object,
 ) -> None:
     problems = []
     if not (
@@ -180,6 +228,24 @@ def _check_settings(
         isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0
     ):
         problems.append(f"max_steps={max_steps!r} must be None or an integer >= 0")
+    if noise_key is not None and not (isinstance(noise_key, bytes) and len(noise_key) == KEY_BYTES):
+        got = (
+            f"{len(noise_key)} bytes" if isinstance(noise_key, bytes) else type(noise_key).__name__
+        )
+        problems.append(  # the key is secret: name its type or length, never its value
+            f"noise_key must be None or {KEY_BYTES} bytes, got {got}; pass "
+            f"secrets.token_bytes({KEY_BYTES}) or a per-round key derived from a site secret"
+        )
+    if sample_rate is not None and not (
+        isinstance(sample_rate, (int, float))
+        and not isinstance(sample_rate, bool)
+        and math.isfinite(sample_rate)
+        and 0 < sample_rate <= 1
+    ):
+        problems.append(
+            f"sample_rate={sample_rate!r} must be None (for 1/len(data_loader)) or a number "
+            "in (0, 1], the probability that each example is in a batch"
+        )
     if problems:
         raise PrivacyConfigError("invalid DP-SGD settings: " + "; ".join(problems) + ".")
 
@@ -315,10 +381,10 @@ def find_dp_problems(
             )
 
     if data_loader is not None:
-        if isinstance(data_loader, DPDataLoader):
+        if isinstance(data_loader, (DPDataLoader, PoissonDataLoader)):
             problems.append(
-                "data_loader is already a DPDataLoader; pass the plain DataLoader, "
-                "make_private adds Poisson sampling itself"
+                f"data_loader is already Poisson-sampled (a {type(data_loader).__name__}); pass "
+                "the plain DataLoader, make_private adds Poisson sampling itself"
             )
         elif isinstance(data_loader.dataset, IterableDataset):
             problems.append(
@@ -335,6 +401,87 @@ def find_dp_problems(
     return problems
 
 
+class PoissonDataLoader(DataLoader[object]):
+    """A plain loader's dataset and collation, Poisson-sampled from a keyed stream.
+
+    Built as Opacus' ``DPDataLoader.from_data_loader`` builds its loader (same settings copied
+    from the plain loader, same empty-batch collation by ``wrap_collate_with_empty``, the
+    plain loader's ``drop_last`` ignored), with the batch sampler replaced by
+    :class:`~fedpeft.privacy.randomness.PoissonBatchSampler`: each of the N examples joins
+    each batch independently with probability ``sample_rate``, drawn from ChaCha20. Every
+    iteration continues the stream; ``len()`` is ``floor(1 / sample_rate)`` batches.
+
+    Parameters
+    ----------
+    data_loader : torch.utils.data.DataLoader
+        The plain, map-style loader (its dataset, collate function and worker settings).
+    sample_rate : float
+        q in (0, 1].
+    stream : fedpeft.privacy.randomness.KeyedStream
+        The session's sampling stream (never the noise stream).
+
+    Attributes
+    ----------
+    sample_rate : float
+        q, as Opacus' ``DPDataLoader.sample_rate``.
+    """
+
+    def __init__(
+        self, data_loader: DataLoader[object], *, sample_rate: float, stream: KeyedStream
+    ) -> None:
+        dataset = data_loader.dataset
+        sampler = PoissonBatchSampler(
+            num_samples=len(cast(Sized, dataset)), sample_rate=sample_rate, stream=stream
+        )
+        # Opacus' DPDataLoader: an empty *first* batch is built from dataset[0]'s items
+        first = cast(Sequence[object], dataset[0])
+        collate = wrap_collate_with_empty(
+            collate_fn=data_loader.collate_fn or default_collate,
+            sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+            dtypes=[dtype_safe(x) for x in first],
+        )
+        super().__init__(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=data_loader.num_workers,
+            collate_fn=collate,
+            pin_memory=data_loader.pin_memory,
+            timeout=data_loader.timeout,
+            worker_init_fn=data_loader.worker_init_fn,
+            multiprocessing_context=data_loader.multiprocessing_context,
+            # seeds worker processes only; the batches come from the sampler's stream
+            generator=data_loader.generator,
+            prefetch_factor=data_loader.prefetch_factor,
+            persistent_workers=data_loader.persistent_workers,
+        )
+        self.sample_rate = sampler.sample_rate
+
+
+def _add_keyed_noise(optimizer: DPOptimizer, stream: KeyedStream) -> None:
+    """Opacus' ``add_noise``, with the Gaussian drawn from ``stream``; bound per optimizer.
+
+    A copy of ``DPOptimizer.add_noise`` and of ``DPOptimizerFastGradientClipping.add_noise``
+    (the same but for ``_adjusted_noise_multiplier``, which only Opacus' adaptive clipping
+    sets): check that ``summed_grad`` is fresh, set ``p.grad = summed_grad + N(0, (σC)^2)``
+    in ``summed_grad``'s shape, dtype and device, mark it used. σ = 0 adds nothing and draws
+    nothing, as ``_generate_noise`` returns zeros then.
+    """
+    multiplier = optimizer.noise_multiplier
+    if isinstance(optimizer, DPOptimizerFastGradientClipping):
+        multiplier = getattr(optimizer, "_adjusted_noise_multiplier", multiplier)
+    std = float(multiplier) * float(optimizer.max_grad_norm)
+    for p in optimizer.params:
+        _check_processed_flag(p.summed_grad)
+        summed = p.summed_grad
+        if std == 0:
+            noisy = summed.clone()  # a new tensor, as summed + zeros is in Opacus
+        else:
+            noise = stream.gaussian(summed.shape, std=std, device=summed.device, dtype=summed.dtype)
+            noisy = summed + noise
+        p.grad = noisy.view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
 class DPSession:
     """One round of DP-SGD on a model; created by :func:`make_private`.
 
@@ -345,7 +492,7 @@ class DPSession:
     optimizer : opacus.optimizers.DPOptimizer
         Clips per-sample gradients, adds noise and scales by the expected batch size. Call
         ``optimizer.step()`` and ``optimizer.zero_grad()`` after each :meth:`backward`.
-    data_loader : opacus.data_loader.DPDataLoader
+    data_loader : PoissonDataLoader
         Poisson-sampled loader over the same dataset: batches vary in size and can be empty
         (then call ``backward(torch.empty(0))`` without a forward pass). Opacus builds an
         empty batch in the structure of the first non-empty one; an empty *first* batch is a
@@ -359,7 +506,8 @@ class DPSession:
     sample_rate : float
         Poisson sampling rate q, the figure to record in the ledger.
     expected_batch_size : int
-        Denominator of the averaged gradient when ``loss_reduction="mean"``.
+        Denominator of the averaged gradient when ``loss_reduction="mean"``:
+        ``max(1, floor(q * N))`` for N examples (see :func:`make_private`).
     grad_sample_mode : {"hooks", "ghost", "functorch"}
     loss_reduction : {"mean", "sum"}
     max_steps : int or None
@@ -372,7 +520,7 @@ class DPSession:
         module: nn.Module,
         hooks: GradSampleHooks,
         optimizer: DPOptimizer,
-        data_loader: DPDataLoader,
+        data_loader: PoissonDataLoader,
         noise_multiplier: float,
         max_grad_norm: float,
         sample_rate: float,
@@ -546,7 +694,8 @@ def make_private(
     grad_sample_mode: GradSampleMode = "hooks",
     loss_reduction: Reduction = "mean",
     max_steps: int | None = None,
-    noise_generator: torch.Generator | None = None,
+    noise_key: bytes | None = None,
+    sample_rate: float | None = None,
 ) -> DPSession:
     """Prepare one round of DP-SGD on a peft model's trainable (adapter) parameters.
 
@@ -562,8 +711,9 @@ def make_private(
         Created *after* the model reached its final device, over exactly its trainable
         parameters. Its state (e.g. Adam moments) is kept.
     data_loader : torch.utils.data.DataLoader
-        A plain map-style loader; its ``batch_size`` becomes the expected Poisson batch size,
-        and its ``generator`` (if any) drives the sampling.
+        A plain map-style loader over N examples; without ``sample_rate`` its ``batch_size``
+        becomes the expected Poisson batch size. Its ``generator`` (if any) now only seeds
+        worker processes: the sampling is drawn from ``noise_key``.
     noise_multiplier : float
         σ >= 0, e.g. from :func:`fedpeft.privacy.calibration.calibrate_noise_multiplier`.
     max_grad_norm : float
@@ -574,13 +724,23 @@ def make_private(
         every layer.
     loss_reduction : {"mean", "sum"}, default "mean"
         How :meth:`DPSession.backward` reduces the per-example losses; with "mean" the noisy
-        sum is divided by the expected batch size.
+        sum is divided by the expected batch size ``max(1, floor(q * N))`` (Opacus'
+        ``int(N * q)``, forgiving float rounding, see
+        :func:`~fedpeft.privacy.randomness.floor_tolerant`). Below ``q * N = 1`` it is
+        clamped to 1 rather than 0, which would divide by zero; the divisor is
+        post-processing of the noisy sum and does not enter the privacy analysis.
     max_steps : int, optional
         Refuse (``BudgetExceededError``, no update) any step beyond this many: pass the steps
         charged to the ledger for this round.
-    noise_generator : torch.Generator, optional
-        Source of the Gaussian noise (torch's default generator if omitted); a seeded one
-        makes simulations reproducible. Not cryptographically secure either way.
+    noise_key : bytes, optional
+        32-byte secret keying this session's Poisson sampling and Gaussian noise (two
+        ChaCha20 streams with HKDF-SHA256 sub-keys, see
+        :func:`~fedpeft.privacy.randomness.session_streams`). The same key repeats the same
+        batches and noise (a retried round); use a key for one round only. Omitted: a fresh
+        ``secrets.token_bytes(32)``.
+    sample_rate : float, optional
+        Poisson rate q in (0, 1]: each example joins each batch independently with
+        probability q. Omitted: ``poisson_sample_rate(data_loader)`` = ``1/len(data_loader)``.
 
     Returns
     -------
@@ -591,7 +751,7 @@ def make_private(
     Raises
     ------
     PrivacyConfigError
-        If a numeric setting or mode is invalid.
+        If a numeric setting, the mode, ``noise_key`` or ``sample_rate`` is invalid.
     DPCompatibilityError
         Listing every problem with the model, optimizer and data loader.
 
@@ -599,14 +759,16 @@ def make_private(
     --------
     One round at a site (``ledger`` a :class:`~fedpeft.privacy.ledger.PrivacyLedger`):
 
-    >>> q = poisson_sample_rate(loader)
+    >>> q = poisson_sample_rate(loader)  # or any rate in (0, 1], passed as sample_rate=q
     >>> ledger.record(run_id=run, round=rnd, noise_multiplier=sigma, sample_rate=q,
     ...               steps=local_steps, ceiling_epsilon=site_ceiling)  # charge first
     >>> model.train()
     >>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    >>> from fedpeft.privacy.randomness import derive_key
+    >>> round_key = derive_key(site_secret, f"{run}/{rnd}".encode())  # one key per round
     >>> with make_private(module=model, optimizer=optimizer, data_loader=loader,
-    ...                   noise_multiplier=sigma, max_grad_norm=1.0,
-    ...                   max_steps=local_steps) as session:
+    ...                   noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q,
+    ...                   max_steps=local_steps, noise_key=round_key) as session:
     ...     batches = iter(session.data_loader)  # restart it when exhausted
     ...     while session.steps < local_steps:
     ...         ids, mask, labels = next(batches)
@@ -624,6 +786,8 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         loss_reduction=loss_reduction,
         max_steps=max_steps,
+        noise_key=noise_key,
+        sample_rate=sample_rate,
     )
     problems = find_dp_problems(module, optimizer=optimizer, data_loader=data_loader)
     if problems:
@@ -631,36 +795,54 @@ def make_private(
             f"the model cannot be trained with DP-SGD ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    rate = poisson_sample_rate(data_loader) if sample_rate is None else float(sample_rate)
+    expected_batch_size = max(1, floor_tolerant(len(cast(Sized, data_loader.dataset)) * rate))
+    sampling_stream, noise_stream = session_streams(
+        new_session_key() if noise_key is None else noise_key
+    )
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)  # see "Randomness" above
     try:
         wrapped = engine.make_private(
             module=module,
             optimizer=optimizer,
+            # ghost mode asserts that the criterion's reduction is loss_reduction; the criterion
+            # itself is unused (Opacus' default, reduction="mean", refused loss_reduction="sum")
+            criterion=nn.CrossEntropyLoss(reduction=loss_reduction),
             data_loader=data_loader,
             noise_multiplier=float(noise_multiplier),
             max_grad_norm=float(max_grad_norm),
             loss_reduction=loss_reduction,
-            poisson_sampling=True,
+            poisson_sampling=True,  # its DPDataLoader is replaced below, never iterated
             clipping="flat",
-            noise_generator=noise_generator,
             grad_sample_mode=grad_sample_mode,
             wrap_model=False,
         )
+        # (hooks, optimizer, data_loader), or (hooks, optimizer, criterion, data_loader) in
+        # ghost mode; the criterion is not needed: DPSession.backward builds the same loss.
+        hooks, dp_optimizer = wrapped[0], wrapped[1]
+        if type(dp_optimizer) not in _NOISE_REPLACED:
+            raise DPCompatibilityError(
+                f"Opacus returned a {type(dp_optimizer).__name__}, whose add_noise this module "
+                "does not replace, so its noise would come from torch's generator; only "
+                "single-process flat clipping is supported."
+            )
+        dp_loader = PoissonDataLoader(data_loader, sample_rate=rate, stream=sampling_stream)
     except BaseException:
         _strip_opacus(module)  # leave the cached model as it was, ready for another try
         raise
-    # (hooks, optimizer, data_loader), or (hooks, optimizer, criterion, data_loader) in ghost
-    # mode; the criterion is not needed: DPSession.backward builds the same clipped loss.
-    hooks, dp_optimizer, dp_loader = wrapped[0], wrapped[1], wrapped[-1]
+    # The Opacus loader's rate was 1/len(data_loader); the divisor must follow q instead.
+    dp_optimizer.expected_batch_size = expected_batch_size
+    # An instance attribute shadows the class's add_noise; pre_step calls self.add_noise().
+    dp_optimizer.add_noise = partial(_add_keyed_noise, dp_optimizer, noise_stream)
     return DPSession(
         module=module,
         hooks=hooks,
         optimizer=cast(DPOptimizer, dp_optimizer),
-        data_loader=cast(DPDataLoader, dp_loader),
+        data_loader=dp_loader,
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
-        sample_rate=float(dp_loader.sample_rate),
-        expected_batch_size=int(dp_optimizer.expected_batch_size),
+        sample_rate=rate,
+        expected_batch_size=expected_batch_size,
         grad_sample_mode=grad_sample_mode,
         loss_reduction=loss_reduction,
         max_steps=max_steps,

@@ -11,9 +11,11 @@ from __future__ import annotations
 __all__ = [
     "BudgetExceededError",
     "DPCompatibilityError",
+    "EvaluationRefusedError",
     "LedgerError",
     "PrivacyConfigError",
     "PrivacyError",
+    "ReleaseMismatchError",
 ]
 
 
@@ -49,3 +51,17 @@ class DPCompatibilityError(PrivacyError):
 
     The message lists every problem found at once (as Opacus' ``ModuleValidator`` does).
     """
+
+
+class ReleaseMismatchError(PrivacyError):
+    """A retried release came out different from the one already charged and sent.
+
+    A retry with identical inputs reuses the same randomness; if its result differs (a
+    nondeterministic kernel, another machine), sending it would let the receiver subtract the
+    two and cancel the shared noise. The site refuses instead.
+    """
+
+
+class EvaluationRefusedError(PrivacyError):
+    """An evaluation the site does not owe: a round it was not charged for, or a second,
+    different adapter for a round it already evaluated."""

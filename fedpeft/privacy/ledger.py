@@ -15,8 +15,16 @@ Guarantees:
 - **No interleaving.** Read-modify-write runs under an exclusive ``fcntl.flock`` on a sibling
   ``<name>.lock`` file, so two processes of the same site cannot both pass a budget check
   and then both record. (POSIX only; ``flock`` may not be honoured on some network filesystems.)
-- **Idempotent.** A round is keyed by ``(run_id, round)``. Recording the same key again with
-  the same numbers charges nothing (a retried round); with different numbers it raises.
+- **Idempotent, and bound to what shaped the release.** A round is keyed by ``(run_id,
+  round, binding)``, where the binding is the digest of everything that determines the
+  release (:mod:`fedpeft.privacy.binding`). Recording the same key again charges nothing (a
+  retried round, which repeats the identical release); the same round with another binding
+  is another release and is charged again. After training, the digest of what was released
+  is attached to the entry (:meth:`PrivacyLedger.attach_release`); a retry whose result
+  differs is refused (:class:`ReleaseMismatchError`) instead of sent.
+- **Bounded evaluation.** The ledger also records which global adapter the site evaluated
+  for each charged round (:meth:`PrivacyLedger.record_evaluation`): at most one adapter per
+  round, and only for rounds the site was charged for.
 - **Never reset silently.** A missing parent directory, an unreadable or corrupted file, or a
   file written for another accountant or δ raises :class:`LedgerError` naming the path. Deleting
   a ledger resets the site's spent budget, so this module never does it.
@@ -46,15 +54,26 @@ from fedpeft.privacy.calibration import (
     canonical_history,
     compute_epsilon,
 )
-from fedpeft.privacy.errors import BudgetExceededError, LedgerError, PrivacyConfigError
+from fedpeft.privacy.errors import (
+    BudgetExceededError,
+    EvaluationRefusedError,
+    LedgerError,
+    PrivacyConfigError,
+    ReleaseMismatchError,
+)
 
-__all__ = ["LEDGER_FORMAT", "LedgerEntry", "LedgerSummary", "PrivacyLedger"]
+__all__ = ["LEDGER_FORMAT", "EvaluationEntry", "LedgerEntry", "LedgerSummary", "PrivacyLedger"]
 
 #: Value of the ``format`` field that marks a file as a fedpeft privacy ledger.
 LEDGER_FORMAT: Final[str] = "fedpeft.privacy_ledger"
-_VERSION: Final[int] = 1
-_ENTRY_FIELDS: Final[frozenset[str]] = frozenset(
+_VERSION: Final[int] = 2
+# Version 1 (fedpeft 0.1.0) entries lack binding and release; they read as unbound ("").
+_V1_ENTRY_FIELDS: Final[frozenset[str]] = frozenset(
     {"run_id", "round", "noise_multiplier", "sample_rate", "steps", "recorded_at"}
+)
+_ENTRY_FIELDS: Final[frozenset[str]] = _V1_ENTRY_FIELDS | {"binding", "release"}
+_EVALUATION_FIELDS: Final[frozenset[str]] = frozenset(
+    {"run_id", "round", "adapter", "recorded_at"}
 )
 _DO_NOT_DELETE: Final[str] = (
     "Do not delete or reset it: that would erase the privacy budget this site has spent. "
@@ -80,6 +99,10 @@ class LedgerEntry:
         Noisy optimizer steps charged for this round.
     recorded_at : str
         UTC time of recording, ISO 8601.
+    binding : str
+        Digest of everything that shaped the release (empty for a version-1 entry).
+    release : str
+        SHA-256 of what was released, attached after training (empty until then).
     """
 
     run_id: str
@@ -88,16 +111,28 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     recorded_at: str
+    binding: str = ""
+    release: str = ""
 
     @property
-    def key(self) -> tuple[str, int]:
-        """``(run_id, round)``, the identity of a round in the ledger."""
-        return (self.run_id, self.round)
+    def key(self) -> tuple[str, int, str]:
+        """``(run_id, round, binding)``, the identity of a release in the ledger."""
+        return (self.run_id, self.round, self.binding)
 
     @property
     def history_entry(self) -> HistoryEntry:
         """``(noise_multiplier, sample_rate, steps)`` as the accountants take it."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class EvaluationEntry:
+    """One evaluation a site made of a global adapter, for a round it was charged for."""
+
+    run_id: str
+    round: int
+    adapter: str  # SHA-256 of the evaluated adapter
+    recorded_at: str
 
 
 @dataclass(frozen=True)
@@ -222,7 +257,7 @@ class PrivacyLedger:
             if self._path.exists():
                 self._read()  # validates format, accountant and δ
             else:
-                self._write([])
+                self._write([], [])
 
     # ------------------------------------------------------------------ properties
 
@@ -250,6 +285,11 @@ class PrivacyLedger:
     def history(self) -> list[HistoryEntry]:
         """``(noise_multiplier, sample_rate, steps)`` of every recorded round, oldest first."""
         return [entry.history_entry for entry in self._read()]
+
+    @property
+    def evaluations(self) -> tuple[EvaluationEntry, ...]:
+        """Every evaluation recorded, oldest first."""
+        return tuple(self._read_document()[1])
 
     # ------------------------------------------------------------------ accounting
 
@@ -327,8 +367,9 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
         ceiling_epsilon: float | None = None,
+        binding: str = "",
     ) -> LedgerEntry:
-        """Charge one round to the ledger (idempotent per ``(run_id, round)``).
+        """Charge one round to the ledger (idempotent per ``(run_id, round, binding)``).
 
         With ``ceiling_epsilon`` the budget check and the write happen under the same lock, so
         no concurrent writer can slip in between; this is the call to use before training.
@@ -345,6 +386,9 @@ class PrivacyLedger:
             If given, refuse the record (``BudgetExceededError``) when ε after it would exceed
             this ceiling. A round already recorded with the same numbers is returned unchanged
             without a check: it was charged before.
+        binding : str, optional
+            Digest of everything that shapes the release (:mod:`fedpeft.privacy.binding`).
+            The same round with another binding is another release: charged again.
 
         Returns
         -------
@@ -354,7 +398,7 @@ class PrivacyLedger:
         Raises
         ------
         LedgerError
-            If ``(run_id, round)`` is already recorded with different numbers.
+            If ``(run_id, round, binding)`` is already recorded with different numbers.
         BudgetExceededError
             If ``ceiling_epsilon`` is given and would be exceeded; nothing is recorded.
         PrivacyConfigError
@@ -370,11 +414,13 @@ class PrivacyLedger:
             steps=steps,
             where=f"record(run_id={run_id!r}, round={round})",
         )
+        if not isinstance(binding, str):
+            raise PrivacyConfigError(f"binding={binding!r} must be a string (a hex digest).")
         sigma, rate = float(noise_multiplier), float(sample_rate)
         with self._locked():
-            entries = self._read()
+            entries, evaluations = self._read_document()
             for entry in entries:
-                if entry.key != (run_id, round):
+                if entry.key != (run_id, round, binding):
                     continue
                 if entry.history_entry == (sigma, rate, steps):
                     return entry  # a retried round: already charged
@@ -400,9 +446,83 @@ class PrivacyLedger:
                 sample_rate=rate,
                 steps=steps,
                 recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                binding=binding,
             )
-            self._write([*entries, new])
+            self._write([*entries, new], evaluations)
             return new
+
+    def attach_release(self, *, run_id: str, round: int, binding: str, release: str) -> None:  # noqa: A002
+        """Record the digest of what a charged round released; refuse a different one.
+
+        Call it after training and before sending. The first call stores ``release``; a
+        later call (a retried round) must bring the same digest.
+
+        Raises
+        ------
+        LedgerError
+            If no entry ``(run_id, round, binding)`` exists (charge the round first).
+        ReleaseMismatchError
+            If the entry already holds a different release digest: the retry came out
+            different from what was sent before, and must not be sent.
+        """
+        with self._locked():
+            entries, evaluations = self._read_document()
+            for index, entry in enumerate(entries):
+                if entry.key != (run_id, round, binding):
+                    continue
+                if entry.release == release:
+                    return
+                if entry.release:
+                    raise ReleaseMismatchError(
+                        f"privacy ledger {str(self._path)!r}: run {run_id!r} round {round} "
+                        f"already released {entry.release[:16]}…; this retry produced "
+                        f"{release[:16]}… from the same inputs. Sending both would let the "
+                        "receiver cancel the shared noise, so this release is withheld."
+                    )
+                entries[index] = dataclasses.replace(entry, release=release)
+                self._write(entries, evaluations)
+                return
+        raise LedgerError(
+            f"privacy ledger {str(self._path)!r}: no charged round (run {run_id!r}, round "
+            f"{round}, binding {binding[:16]}…) to attach a release to; charge it first."
+        )
+
+    def record_evaluation(self, *, run_id: str, round: int, adapter: str) -> None:  # noqa: A002
+        """Allow one evaluation of the adapter ``adapter`` for a charged round.
+
+        Evaluation figures are not DP (held-out data), so the site bounds them: at most one
+        adapter per ``(run_id, round)``, and only for a round this ledger charged. The same
+        adapter again (a retried evaluation, which gives identical figures) is allowed.
+
+        Raises
+        ------
+        EvaluationRefusedError
+            If the round was never charged here, or another adapter was evaluated for it.
+        """
+        with self._locked():
+            entries, evaluations = self._read_document()
+            if not any(e.run_id == run_id and e.round == round for e in entries):
+                raise EvaluationRefusedError(
+                    f"evaluation of run {run_id!r} round {round} refused: this site was not "
+                    "charged for that round, so it has no trained round to tie the adapter to"
+                )
+            for done in evaluations:
+                if (done.run_id, done.round) != (run_id, round):
+                    continue
+                if done.adapter == adapter:
+                    return
+                raise EvaluationRefusedError(
+                    f"evaluation of run {run_id!r} round {round} refused: this site already "
+                    f"evaluated adapter {done.adapter[:16]}… for that round; a second adapter "
+                    "would be a probe of the held-out data"
+                )
+            new = EvaluationEntry(
+                run_id=run_id,
+                round=round,
+                adapter=adapter,
+                recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            self._write(entries, [*evaluations, new])
 
     def summary(self) -> LedgerSummary:
         """The figures ``privacy.json`` reports for this site (at the ledger's δ)."""
@@ -488,7 +608,11 @@ class PrivacyLedger:
         )
 
     def _read(self) -> list[LedgerEntry]:
-        """Load and validate the file; never repairs or resets it."""
+        """The validated entries of the file; never repairs or resets it."""
+        return self._read_document()[0]
+
+    def _read_document(self) -> tuple[list[LedgerEntry], list[EvaluationEntry]]:
+        """Load and validate the file (entries, evaluations); never repairs or resets it."""
         try:
             text = self._path.read_text(encoding="utf-8")
         except FileNotFoundError as exc:
@@ -506,8 +630,9 @@ class PrivacyLedger:
             raise self._corrupt(f"not valid JSON ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             raise self._corrupt(f"expected a JSON object with format={LEDGER_FORMAT!r}")
-        if data.get("version") != _VERSION:
-            raise self._corrupt(f"version={data.get('version')!r}, expected {_VERSION}")
+        version = data.get("version")
+        if version not in (1, _VERSION):
+            raise self._corrupt(f"version={version!r}, expected 1 or {_VERSION}")
         accountant, delta = data.get("accountant"), data.get("delta")
         if accountant not in ACCOUNTANTS:
             raise self._corrupt(f"accountant={accountant!r} is not one of {ACCOUNTANTS}")
@@ -524,9 +649,9 @@ class PrivacyLedger:
         if not isinstance(raw_entries, list):
             raise self._corrupt("'entries' is not a list")
         entries: list[LedgerEntry] = []
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, int, str]] = set()
         for index, raw in enumerate(raw_entries):
-            entry = self._parse_entry(index, raw)
+            entry = self._parse_entry(index, raw, version=version)
             if entry.key in seen:
                 raise self._corrupt(
                     f"entries[{index}] repeats run {entry.run_id!r} round {entry.round}"
@@ -537,14 +662,37 @@ class PrivacyLedger:
             canonical_history(entry.history_entry for entry in entries)
         except PrivacyConfigError as exc:
             raise self._corrupt(str(exc)) from exc
-        return entries
+        raw_evaluations = data.get("evaluations", [])
+        if not isinstance(raw_evaluations, list):
+            raise self._corrupt("'evaluations' is not a list")
+        evaluations: list[EvaluationEntry] = []
+        for index, raw in enumerate(raw_evaluations):
+            if not isinstance(raw, dict) or set(raw) != _EVALUATION_FIELDS:
+                raise self._corrupt(
+                    f"evaluations[{index}] must be an object with exactly the fields "
+                    f"{sorted(_EVALUATION_FIELDS)}"
+                )
+            run_id, round_, adapter = raw["run_id"], raw["round"], raw["adapter"]
+            if not (
+                isinstance(run_id, str)
+                and isinstance(round_, int)
+                and not isinstance(round_, bool)
+                and isinstance(adapter, str)
+                and isinstance(raw["recorded_at"], str)
+            ):
+                raise self._corrupt(f"evaluations[{index}] has a field of the wrong type")
+            evaluations.append(EvaluationEntry(run_id, round_, adapter, raw["recorded_at"]))
+        return entries, evaluations
 
-    def _parse_entry(self, index: int, raw: object) -> LedgerEntry:
-        if not isinstance(raw, dict) or set(raw) != _ENTRY_FIELDS:
+    def _parse_entry(self, index: int, raw: object, *, version: int) -> LedgerEntry:
+        fields = _V1_ENTRY_FIELDS if version == 1 else _ENTRY_FIELDS
+        if not isinstance(raw, dict) or set(raw) != fields:
             raise self._corrupt(
-                f"entries[{index}] must be an object with exactly the fields "
-                f"{sorted(_ENTRY_FIELDS)}"
+                f"entries[{index}] must be an object with exactly the fields {sorted(fields)}"
             )
+        binding, release = raw.get("binding", ""), raw.get("release", "")
+        if not (isinstance(binding, str) and isinstance(release, str)):
+            raise self._corrupt(f"entries[{index}].binding / release must be strings")
         run_id, round_, sigma = raw["run_id"], raw["round"], raw["noise_multiplier"]
         rate, steps, recorded_at = raw["sample_rate"], raw["steps"], raw["recorded_at"]
         if not isinstance(run_id, str) or not run_id:
@@ -564,16 +712,23 @@ class PrivacyLedger:
             sample_rate=float(rate),
             steps=steps,
             recorded_at=recorded_at,
+            binding=binding,
+            release=release,
         )
 
-    def _write(self, entries: list[LedgerEntry]) -> None:
-        """Atomically replace the ledger file (call with the lock held)."""
+    def _write(
+        self,
+        entries: list[LedgerEntry],
+        evaluations: list[EvaluationEntry],
+    ) -> None:
+        """Atomically replace the ledger file (call with the lock held); always version 2."""
         document = {
             "format": LEDGER_FORMAT,
             "version": _VERSION,
             "accountant": self._accountant,
             "delta": self._delta,
             "entries": [dataclasses.asdict(entry) for entry in entries],
+            "evaluations": [dataclasses.asdict(e) for e in evaluations],
         }
         text = json.dumps(document, indent=2, allow_nan=False) + "\n"
         directory = self._path.parent

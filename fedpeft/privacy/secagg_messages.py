@@ -17,6 +17,8 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -184,19 +186,223 @@ class SecAggResult:
     dropped: tuple[int, ...]
 
 
-def default_num_neighbours(num_nodes: int) -> int:
-    """Neighbours per node: all others for small rounds, else ``2 * ceil(log2 n) + 2``.
+# -- graph parameters ----------------------------------------------------------------------
+#
+# The defaults follow the Harary-graph analysis of Bell et al. (CCS 2020) in the form that
+# Google's implementation of it uses (google-parfait/federated-compute,
+# fcp/secagg/server/graph_parameter_finder.cc: HararyGraphParameterFinder), with one change:
+# the threshold must also exceed half of a node's k + 1 share holders (the invariant that
+# SecAggClient enforces, so that a server that asks different holders for different kinds of
+# shares can never gather both kinds of one node). The paper's own theorem was not at hand
+# when this was written: the three conditions below (honest survivors connected, fewer than
+# t corrupt neighbours, at least t surviving neighbours, each by a union bound over nodes or
+# gap pairs) are those of the reference implementation, whose published test values
+# (tests/privacy/test_secagg.py) this code reproduces.
 
-    A heuristic in the spirit of Bell et al. (``k = O(log n)``); the constant their security
-    analysis needs depends on the expected dropout and corruption rates, so set
-    ``num_neighbours`` explicitly for a specific threat model.
+CORRUPT_FRACTION = Fraction(1, 3)  # γ: sites that may collude with the coordinator
+DROPOUT_FRACTION = Fraction(1, 3)  # δ: sites that may drop out of one round
+SECURITY_BITS = 40  # σ: a bad graph (privacy at risk) has probability < 2^-40
+CORRECTNESS_BITS = 20  # η: a round aborts for lack of shares with probability < 2^-20
+
+
+@dataclass(frozen=True)
+class GraphParameters:
+    """Degree and threshold for ``num_nodes`` nodes, and whether they meet the bound.
+
+    Attributes
+    ----------
+    num_nodes, num_neighbours, threshold : int
+        ``n``, ``k`` and ``t``.
+    meets_bound : bool
+        False where no ``k <= n - 1`` meets the bound (a few nodes, many expected dropouts):
+        then ``k = n - 1`` (the complete graph, the most tolerant choice) is returned.
     """
-    return min(num_nodes - 1, 2 * math.ceil(math.log2(max(num_nodes, 2))) + 2)
+
+    num_nodes: int
+    num_neighbours: int
+    threshold: int
+    meets_bound: bool
 
 
-def default_threshold(num_neighbours: int) -> int:
-    """Smallest threshold above half of the ``k + 1`` share holders (node and neighbours)."""
-    return (num_neighbours + 1) // 2 + 1
+def _hypergeometric_weights(total: int, marked: int, sampled: int) -> list[int]:
+    """``C(marked, x) * C(total - marked, sampled - x)`` for ``x = 0..sampled``.
+
+    Their sum is ``C(total, sampled)``: weight ``x`` over the sum is the probability that a
+    uniform sample of ``sampled`` of ``total`` items holds exactly ``x`` of the ``marked``
+    ones. Exact integers, so the tail bounds below are compared without rounding.
+    """
+    return [
+        math.comb(marked, x) * math.comb(total - marked, sampled - x) for x in range(sampled + 1)
+    ]
+
+
+@lru_cache(maxsize=4096)
+def _threshold_bounds(
+    num_nodes: int,
+    num_neighbours: int,
+    corrupt_fraction: Fraction,
+    dropout_fraction: Fraction,
+    security_bits: int,
+    correctness_bits: int,
+) -> tuple[int, int]:
+    """``(lowest, highest)`` threshold that the bound allows for ``n`` nodes and degree ``k``.
+
+    ``lowest``: the smallest ``t`` with Pr[a node has ``>= t`` corrupt neighbours] <=
+    2^-(σ+1) / n (a union bound over nodes: then no coalition holds ``t`` shares of an honest
+    node), and above half of the ``k + 1`` holders. ``highest``: the largest ``t`` with
+    Pr[a node has ``< t`` surviving neighbours] <= 2^-η / n. The neighbours of a node are a
+    uniform ``k``-subset (the ring order is a uniform permutation), so both counts are
+    hypergeometric over the ``n`` nodes, with ``floor(γ n)`` corrupt and ``ceil((1 - δ) n)``
+    surviving nodes, as in the reference implementation. ``lowest > highest``: no threshold.
+    """
+    n, k = num_nodes, num_neighbours
+    corrupt = math.floor(corrupt_fraction * n)
+    surviving = math.ceil((1 - dropout_fraction) * n)
+    total = math.comb(n, k)
+    lowest = (k + 1) // 2 + 1  # above half of the k + 1 holders
+    weights = _hypergeometric_weights(n, corrupt, k)
+    tail = 0  # Pr[corrupt neighbours >= t] * C(n, k), growing as t falls
+    for t in range(k + 1, lowest - 1, -1):
+        tail += weights[t] if t <= k else 0
+        if (tail * n << (security_bits + 1)) > total:
+            lowest = t + 1
+            break
+    weights = _hypergeometric_weights(n, surviving, k)
+    below = 0  # Pr[surviving neighbours < t] * C(n, k), growing as t rises
+    highest = 0
+    for t in range(k + 2):
+        if (below * n << correctness_bits) > total:
+            break
+        highest = t
+        below += weights[t] if t <= k else 0
+    return lowest, min(highest, k + 1)
+
+
+def _disconnection_bound_met(
+    num_nodes: int, num_neighbours: int, *, bad_nodes: int, security_bits: int
+) -> bool:
+    """Whether Pr[the honest survivors of the Harary graph are disconnected] < 2^-(σ+1).
+
+    Removing nodes disconnects a Harary ring of even degree ``k`` only if the removed nodes
+    include ``k / 2`` consecutive ones at two disjoint places: ``n (n - k - 1) / 2`` pairs of
+    places, each all bad with probability ``bad! (n - k)! / ((bad - k)! n!)`` (union bound).
+    """
+    n, k = num_nodes, num_neighbours
+    if k >= n - 1 or bad_nodes < k:
+        return True  # the complete graph never splits; fewer than k bad nodes cannot split it
+    pairs_twice = n * (n - k - 1)
+    bad_pairs = pairs_twice * math.perm(bad_nodes, k)  # 2 * Pr[split] * perm(n, k)
+    return (bad_pairs << (security_bits + 1)) < 2 * math.perm(n, k)
+
+
+@lru_cache(maxsize=1024)
+def graph_parameters(
+    num_nodes: int,
+    *,
+    corrupt_fraction: Fraction = CORRUPT_FRACTION,
+    dropout_fraction: Fraction = DROPOUT_FRACTION,
+    security_bits: int = SECURITY_BITS,
+    correctness_bits: int = CORRECTNESS_BITS,
+) -> GraphParameters:
+    """The smallest degree ``k`` (and its threshold ``t``) that meets the Bell et al. bound.
+
+    Candidates are the even ``k < n - 1`` (a Harary ring) and then ``k = n - 1`` (the complete
+    graph). ``k`` is accepted when, with ``floor(γ n)`` corrupt and ``floor(δ n)`` dropped
+    nodes placed uniformly: (1) the honest survivors stay connected except with probability
+    2^-(σ+1) (:func:`_disconnection_bound_met`); (2) some ``t`` above half of the ``k + 1``
+    holders is both above the corrupt-neighbour tail and below the surviving-neighbour tail
+    (:func:`_threshold_bounds`); the smallest such ``t`` is returned (most dropout-tolerant).
+
+    Parameters
+    ----------
+    num_nodes : int
+        ``n >= 2``.
+    corrupt_fraction, dropout_fraction : Fraction, optional
+        ``γ`` and ``δ``; default :data:`CORRUPT_FRACTION` and :data:`DROPOUT_FRACTION` (1/3).
+    security_bits, correctness_bits : int, optional
+        ``σ`` and ``η``; default 40 and 20, as in the reference implementation.
+
+    Returns
+    -------
+    GraphParameters
+        ``meets_bound`` is False where no ``k`` does (then ``k = n - 1``).
+    """
+    n = num_nodes
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise SecAggConfigError(f"num_nodes={n!r} is not allowed; it must be an int >= 2")
+    bad = math.floor(corrupt_fraction * n) + math.floor(dropout_fraction * n)
+    settings = (corrupt_fraction, dropout_fraction, security_bits, correctness_bits)
+    for k in [*range(2, n - 1, 2), n - 1]:
+        if not _disconnection_bound_met(n, k, bad_nodes=bad, security_bits=security_bits):
+            continue
+        lowest, highest = _threshold_bounds(n, k, *settings)
+        if lowest <= highest:
+            return GraphParameters(n, k, lowest, meets_bound=True)
+    k = n - 1
+    lowest, _ = _threshold_bounds(n, k, *settings)
+    return GraphParameters(n, k, lowest, meets_bound=False)
+
+
+def default_num_neighbours(num_nodes: int) -> int:
+    """Neighbours per node ``k``: the smallest that meets the Bell et al. (CCS 2020) bound.
+
+    The bound (:func:`graph_parameters`) is for γ = 1/3 of the sites colluding with the
+    coordinator and δ = 1/3 dropping out of a round, placed independently of the graph, with
+    σ = 40 (a graph that could expose a site: probability < 2^-40) and η = 20 (a round that
+    aborts for lack of shares: probability < 2^-20). It is the Harary-graph analysis of Bell
+    et al. as Google's reference implementation computes it (google-parfait/federated-compute,
+    ``fcp/secagg/server/graph_parameter_finder.cc``; it reproduces that file's test values
+    for γ = δ = 0.33 and γ = δ = 0.45), with the threshold also kept above half of the
+    ``k + 1`` share holders. Resulting ``k`` (and ``t``, :func:`default_threshold`):
+
+    =====  ====  ====    =====  ====  ====    =====  ====  ====
+      n      k     t       n      k     t       n      k     t
+    =====  ====  ====    =====  ====  ====    =====  ====  ====
+        3     2     2       16    12     7      100    68    35
+        4     3     3       20    14     8      128    84    43
+        5     4     3       26    18    10      200   122    64
+        6     5     4       32    22    12      256   146    77
+        7     6     4       40    28    15      300   164    86
+        8     6     4       50    34    18      500   216   114
+       10     8     5       64    44    23      700   254   134
+       12    10     6       80    54    28     1000   292   154
+    =====  ====  ====    =====  ====  ====    =====  ====  ====
+
+    ``k = n - 1`` (the complete graph) for ``n <= 7`` and ``n = 9``; for ``n`` = 2, 3, 4 and
+    6 no graph meets the bound (a third of them dropped leaves too few share holders) and the
+    complete graph is used anyway, the most tolerant choice.
+    Against a coordinator that *chooses* whom to drop the bound says nothing; there the hard
+    guarantee is :meth:`SecAggServer.unmask`'s check that the survivors are connected and at
+    least ``max(t, min_sum)``. Cost grows with ``k``: each node derives ``k`` masks, and the
+    server one per (dropped node, surviving neighbour) pair; set ``num_neighbours`` (and
+    ``threshold``) explicitly for another threat model.
+    """
+    return graph_parameters(max(num_nodes, 2)).num_neighbours
+
+
+def default_threshold(num_neighbours: int, *, num_nodes: int | None = None) -> int:
+    """Shares needed to reconstruct a secret, for degree ``k`` (and ``n`` nodes if given).
+
+    Without ``num_nodes``: the smallest threshold above half of the ``k + 1`` share holders
+    (the node and its neighbours), ``floor((k + 1) / 2) + 1``: the most dropout-tolerant
+    threshold that still keeps the server from gathering both kinds of shares of one node.
+    With ``num_nodes``: also above the corrupt-neighbour tail of the bound of
+    :func:`default_num_neighbours` (γ = 1/3, σ = 40), at most ``k + 1``; for the default ``k``
+    this is the table's ``t`` (above the majority only from a few hundred nodes on). For a
+    ``k`` far below the default it reaches ``k + 1``, where no holder may drop, which is why
+    :class:`SecAggServer` uses it only with the default ``k``.
+    """
+    majority = (num_neighbours + 1) // 2 + 1
+    valid = (
+        isinstance(num_nodes, int)
+        and isinstance(num_neighbours, int)
+        and 1 <= num_neighbours <= num_nodes - 1
+    )
+    if num_nodes is None or not valid:
+        return majority  # invalid combinations are reported by graph_problems
+    settings = (CORRUPT_FRACTION, DROPOUT_FRACTION, SECURITY_BITS, CORRECTNESS_BITS)
+    lowest, _ = _threshold_bounds(num_nodes, num_neighbours, *settings)
+    return lowest
 
 
 def build_neighbour_graph(
@@ -250,6 +456,12 @@ def graph_problems(num_nodes: int, num_neighbours: int, threshold: int) -> list[
         problems.append(
             f"num_neighbours={num_neighbours} is odd and the number of nodes {num_nodes} is odd; "
             "no such regular graph exists (use an even num_neighbours)"
+        )
+    elif num_neighbours == 1 and num_nodes > 2:
+        problems.append(
+            f"num_neighbours=1 with {num_nodes} nodes pairs them off into separate pairs, so "
+            "the masks would cancel within each pair and every pair's own sum could be "
+            "unmasked; use num_neighbours >= 2 (a connected ring)"
         )
     holders = num_neighbours + 1 if isinstance(num_neighbours, int) else 0
     if not isinstance(threshold, int) or not holders / 2 < threshold <= holders:

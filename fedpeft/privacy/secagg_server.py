@@ -5,11 +5,24 @@ public keys and encrypted shares, summing masked vectors in Z_{2^32}, tracking w
 dropped at which stage, reconstructing the secrets it is entitled to and removing the masks.
 Messages, errors and shared helpers are in :mod:`fedpeft.privacy.secagg_messages`; the protocol
 is described in :mod:`fedpeft.privacy.secagg`; carrying messages is the caller's job.
+
+**What may be released.** Pairwise masks cancel only between nodes that both sent a masked
+vector. If the survivors ``U3`` split into groups with no neighbour-graph edge between them,
+then, once the self masks and the dropped nodes' masks are removed, each group's masked
+vectors add up to that group's own sum: the server would learn sums of subgroups. So the
+server refuses to unmask (:meth:`SecAggServer.unmask` raises :class:`SecAggAbort` before it
+asks for any share) unless ``U3`` is connected in the graph induced on it and holds at least
+``max(threshold, min_sum)`` nodes. Before anyone masks it also narrows the live nodes to the
+largest connected group whose members all keep ``threshold`` live share holders, so nodes
+that could never be in a releasable sum are not asked to train and mask. These checks hold
+against a coordinator that chooses who drops; they do not cover sites that collude with it
+(the graph defaults of :func:`~fedpeft.privacy.secagg_messages.default_num_neighbours`
+bound that risk for randomly placed colluders).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
@@ -69,7 +82,14 @@ class SecAggServer:
         Graph degree ``k``, ``1 <= k <= n - 1``; default :func:`default_num_neighbours`.
     threshold : int, optional
         Shares needed to reconstruct a secret, ``(k + 1) / 2 < t <= k + 1``; default
-        :func:`default_threshold`. Larger tolerates more colluding nodes, smaller more dropouts.
+        :func:`default_threshold`: with the default ``k`` the bound's ``t`` for ``n`` nodes,
+        with an explicit ``k`` the smallest majority of the ``k + 1`` holders. Larger
+        tolerates more colluding nodes, smaller more dropouts.
+    min_sum : int, optional
+        The fewest nodes a released sum may cover (e.g. ``federation.min_sites``); default 0,
+        which leaves the floor at the threshold. The round releases a sum only over at least
+        ``max(threshold, min_sum)`` connected nodes and is abandoned (:class:`SecAggAbort`)
+        as soon as fewer remain, before any share is requested.
 
     Attributes
     ----------
@@ -80,6 +100,10 @@ class SecAggServer:
         Each participant's neighbours.
     num_neighbours, threshold : int
         The resolved ``k`` and ``t``.
+    min_sum : int
+        As given.
+    min_included : int
+        ``max(threshold, min_sum)``: the fewest nodes any released sum covers.
     quantization : QuantizationParams
         Sent to every node in its :class:`SetupRequest`.
     """
@@ -93,14 +117,22 @@ class SecAggServer:
         clip: float,
         num_neighbours: int | None = None,
         threshold: int | None = None,
+        min_sum: int = 0,
     ) -> None:
         ids = [check_id("node id", node) for node in node_ids]
         self.round_id = check_id("round_id", round_id)
         n = len(ids)
         k = default_num_neighbours(n) if num_neighbours is None else num_neighbours
         self.num_neighbours = k
-        self.threshold = default_threshold(k) if threshold is None else threshold
+        if threshold is None:  # the bound's t for the default k; else half the holders + 1
+            threshold = default_threshold(k, num_nodes=n if num_neighbours is None else None)
+        self.threshold = threshold
         problems = graph_problems(n, self.num_neighbours, self.threshold)
+        if not isinstance(min_sum, int) or isinstance(min_sum, bool) or min_sum < 0:
+            problems.append(
+                f"min_sum={min_sum!r} is not allowed; it must be an int >= 0 (the fewest "
+                "sites a released sum may cover, e.g. federation.min_sites)"
+            )
         if len(set(ids)) != n:
             repeated = sorted({node for node in ids if ids.count(node) > 1})
             problems.append(f"node_ids repeats {repeated}; each participant must appear once")
@@ -113,6 +145,8 @@ class SecAggServer:
         if problems:
             raise SecAggConfigError("invalid SecAgg+ parameters: " + "; ".join(problems))
         self.vector_length = vector_length
+        self.min_sum = min_sum
+        self.min_included = max(self.threshold, min_sum)
         self.graph = build_neighbour_graph(ids, num_neighbours=self.num_neighbours)
         self.stage = Stage.INIT
         self._live: set[int] = set(ids)  # nodes still in the round at the current stage
@@ -170,16 +204,28 @@ class SecAggServer:
         }
 
     def unmask(self) -> dict[int, UnmaskRequest]:
-        """Close collect_masked_vectors, start unmask: ask survivors for shares."""
+        """Close collect_masked_vectors, start unmask: ask survivors for shares.
+
+        Every check comes before any request, so an aborted round has asked for no share:
+        the survivors ``U3`` must number at least :attr:`min_included`, be connected in the
+        graph induced on them (otherwise each group's own sum could be unmasked), and every
+        secret to reconstruct must keep ``threshold`` live holders.
+
+        Raises
+        ------
+        SecAggAbort
+            If any check fails; no :class:`UnmaskRequest` exists then.
+        """
         masked = set(self._live)  # U2, the nodes that every survivor masked with
         self._advance(Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK, prune=False)
         dropped = masked - self._live
-        for node in sorted(self._live):
-            self._requests[node] = UnmaskRequest(
-                round_id=self.round_id,
-                node_id=node,
-                survived=share_holders(node, self._live_neighbours(node)),
-                dropped=tuple(j for j in self.graph[node] if j in dropped),
+        groups = self._components(self._live)
+        if len(groups) > 1:
+            sizes = sorted((len(group) for group in groups), reverse=True)
+            self._abort(
+                f"the {len(self._live)} nodes that sent masked vectors form {len(groups)} "
+                f"separate groups (sizes {sizes}) in the neighbour graph; unmasking would "
+                "reveal each group's own sum"
             )
         for owner in sorted(self._live | {d for d in dropped if self._live_neighbours(d)}):
             holders = len(self._live_neighbours(owner)) + (owner in self._live)
@@ -188,6 +234,15 @@ class SecAggServer:
                     f"only {holders} live holder(s) of node {owner}'s shares remain, fewer than "
                     f"threshold {self.threshold}"
                 )
+        self._requests = {
+            node: UnmaskRequest(
+                round_id=self.round_id,
+                node_id=node,
+                survived=share_holders(node, self._live_neighbours(node)),
+                dropped=tuple(j for j in self.graph[node] if j in dropped),
+            )
+            for node in sorted(self._live)
+        }
         self._dropped_after_sharing = dropped
         return dict(self._requests)
 
@@ -318,6 +373,44 @@ class SecAggServer:
     def _live_neighbours(self, node: int) -> tuple[int, ...]:
         return tuple(j for j in self.graph[node] if j in self._live)
 
+    def _components(self, nodes: Collection[int]) -> list[set[int]]:
+        """Connected components of the graph induced on ``nodes``, largest first.
+
+        Ties go to the component holding the smallest node id, so the choice is reproducible.
+        """
+        inside, seen, components = set(nodes), set(), []
+        for start in sorted(inside):
+            if start in seen:
+                continue
+            component, frontier = {start}, [start]
+            while frontier:
+                for j in self.graph[frontier.pop()]:
+                    if j in inside and j not in component:
+                        component.add(j)
+                        frontier.append(j)
+            seen |= component
+            components.append(component)
+        return sorted(components, key=lambda c: (-len(c), min(c)))
+
+    def _prune(self) -> None:
+        """Narrow the live nodes to a set every member of which could be in a released sum.
+
+        Repeat to a fixed point: drop nodes with fewer than ``threshold`` live share holders
+        (their secrets could not be reconstructed), then keep only the largest connected
+        component (the others' masks could never cancel into one sum with it). Dropping weak
+        nodes can split the graph; keeping a component never weakens its members (their
+        neighbours are all inside it), so the loop ends after at most one more pass.
+        """
+        while True:
+            while weak := {
+                j for j in self._live if len(self._live_neighbours(j)) + 1 < self.threshold
+            }:
+                self._live -= weak
+            components = self._components(self._live)
+            if len(components) <= 1:
+                return
+            self._live = components[0]
+
     def _advance(self, current: Stage, following: Stage, *, prune: bool = True) -> None:
         if self.stage is not current:
             raise SecAggProtocolError(
@@ -326,15 +419,16 @@ class SecAggServer:
             )
         if current is not Stage.INIT:
             self._live &= self._replied
-        if prune:  # before anyone masks, drop nodes whose secrets could not be reconstructed
-            while weak := {
-                j for j in self._live if len(self._live_neighbours(j)) + 1 < self.threshold
-            }:
-                self._live -= weak
-        if len(self._live) < self.threshold:
-            self._abort(
-                f"{len(self._live)} node(s) remain at stage {following.value}, fewer than "
+        if prune:  # before anyone masks: only nodes that could be in a released sum go on
+            self._prune()
+        if len(self._live) < self.min_included:
+            floor = (
                 f"threshold {self.threshold}"
+                if self.threshold >= self.min_sum
+                else f"min_sum {self.min_sum} (the fewest sites a released sum may cover)"
+            )
+            self._abort(
+                f"{len(self._live)} node(s) remain at stage {following.value}, fewer than {floor}"
             )
         self._replied = set()
         self.stage = following

@@ -1,17 +1,21 @@
 """How the sites' updates reach the server: in the clear, or securely aggregated.
 
 An aggregation runs the training exchange(s) of one round and returns the sites'
-mean delta plus who took part. :class:`PlainAggregation` sends one train message per
+mean delta plus who took part, and the evaluation exchange(s) that return the held-out
+figures of a global adapter. :class:`PlainAggregation` sends one train message per
 site and averages the validated replies weighted by their example counts (per LoRA rank
 slot when sites train different ranks, see :mod:`fedpeft.ranks`);
 ``fedpeft.server.secure_aggregation.SecureAggregation`` runs SecAgg+ so the server
-sees only the sum. Both give the same :class:`RoundOutcome`, so the round loop and the
-strategies do not know which one ran.
+sees only the sum — of the updates, and of the evaluation figures. Both give the same
+:class:`RoundOutcome` and :class:`EvalOutcome`, so the round loop and the strategies do not
+know which one ran. With a :class:`~fedpeft.instructions.Signer` every train and evaluate
+instruction carries the coordinator's signature.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from numpy.typing import NDArray
 
 from fedpeft import constants as K
 from fedpeft.broadcast import Broadcast
+from fedpeft.instructions import Signer
 from fedpeft.model import AdapterLayout
 from fedpeft.ranks import layout_rank, nonzero_beyond_rank, slot_weighted_mean
 from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
@@ -60,6 +65,7 @@ class RoundRequest:
     federation_id: str = ""
     # global_flat as it goes on the wire (fedpeft.broadcast); None sends the whole adapter
     broadcast: Broadcast | None = None
+    signer: Signer | None = None  # signs every instruction when the coordinator has a key
 
     @property
     def bytes_down_per_site(self) -> int:
@@ -83,16 +89,70 @@ def adapter_content(
 
 
 def train_content(request: RoundRequest) -> RecordDict:
-    """The train instruction: global adapter plus which tensors to train."""
-    return adapter_content(
+    """The train instruction: global adapter plus which tensors to train (signed)."""
+    content = adapter_content(
         request.global_flat,
         request.broadcast,
         {
             K.CFG_ROUND: request.round_number,
             K.CFG_TRAIN_NAMES: list(request.trained.names),
             K.CFG_FEDERATION_ID: request.federation_id,
+            K.CFG_TASK: K.TASK_TRAIN,
         },
     )
+    if request.signer is not None:
+        request.signer.sign(content, task=K.TASK_TRAIN)
+    return content
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What the round loop asks an aggregation to evaluate: the global adapter after a round,
+    at sites that trained in it (a site evaluates only a round it was charged for)."""
+
+    round_number: int
+    nodes: Sequence[int]
+    global_flat: NDArray[np.float32]
+    broadcast: Broadcast | None
+    federation_id: str
+    timeout: float
+    min_sites: int
+    signer: Signer | None = None
+
+    @property
+    def bytes_down_per_site(self) -> int:
+        values = self.broadcast.values if self.broadcast is not None else self.global_flat
+        return int(values.nbytes)
+
+
+@dataclass
+class EvalOutcome:
+    """Held-out figures of one global adapter, over the sites that evaluated it."""
+
+    loss: float | None = None
+    accuracy: float | None = None
+    sites: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # node id → reason
+
+
+def evaluate_content(request: EvalRequest, *, task_key: bool = False) -> RecordDict:
+    """The evaluate instruction: the global adapter, the round and federation (signed).
+
+    ``task_key`` adds ``task=evaluate`` (a secure round's masked stage needs it to tell an
+    evaluation from a training).
+    """
+    entries: dict[str, Any] = {
+        K.CFG_ROUND: request.round_number,
+        K.CFG_FEDERATION_ID: request.federation_id,
+    }
+    if task_key:
+        entries[K.CFG_TASK] = K.TASK_EVALUATE
+    content = adapter_content(request.global_flat, request.broadcast, entries)
+    if request.signer is not None:
+        request.signer.sign(content, task=K.TASK_EVALUATE)
+    return content
 
 
 def site_figures(reply: Message) -> dict[str, Any]:
@@ -131,11 +191,15 @@ def reported_rank(reply: Message, checked: TrainReply, trained: AdapterLayout) -
 
 
 class Aggregation(ABC):
-    """The training exchange of a round."""
+    """The training and evaluation exchanges of a round."""
 
     @abstractmethod
     def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
         """Send the round's instructions, collect updates, return their mean."""
+
+    @abstractmethod
+    def evaluate(self, grid: Grid, request: EvalRequest) -> EvalOutcome:
+        """Ask sites to evaluate the global adapter; return the combined figures."""
 
 
 class PlainAggregation(Aggregation):
@@ -185,10 +249,12 @@ class PlainAggregation(Aggregation):
         outcome.dropped = [n for n in request.nodes if n not in answered]
         outcome.contributors = [r.node_id for r in accepted]
         outcome.bytes_up = sum(r.bytes_up for r in accepted)
-        if accepted:
-            weights = [r.num_examples for r in accepted]
+        reported = [r for r in accepted if math.isfinite(r.train_loss)]  # none under DP
+        if reported:
             outcome.train_loss = float(
-                np.average([r.train_loss for r in accepted], weights=weights)
+                np.average(
+                    [r.train_loss for r in reported], weights=[r.num_examples for r in reported]
+                )
             )
         if len(accepted) >= request.min_sites:
             outcome.mean_delta = slot_weighted_mean(
@@ -197,4 +263,44 @@ class PlainAggregation(Aggregation):
                 ranks,
                 request.trained,
             )
+        return outcome
+
+    def evaluate(self, grid: Grid, request: EvalRequest) -> EvalOutcome:
+        """One evaluate message per site; figures averaged by held-out example count."""
+        messages = [
+            Message(
+                content=evaluate_content(request),
+                dst_node_id=n,
+                message_type=MessageType.EVALUATE,
+                group_id=str(request.round_number),
+            )
+            for n in request.nodes
+        ]
+        outcome = EvalOutcome(bytes_down=request.bytes_down_per_site * len(request.nodes))
+        losses, accuracies, weights = [], [], []
+        for reply in grid.send_and_receive(messages, timeout=request.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                outcome.failures[str(node)] = str(reply.error.reason)
+                logger.warning(
+                    "round %d: evaluation failed at site %d: %s",
+                    request.round_number,
+                    node,
+                    reply.error.reason,
+                )
+                continue
+            m = reply.content.metric_records.get(K.METRICS)
+            count = m.get(K.MET_NUM_EXAMPLES) if m is not None else None
+            if m is None or not isinstance(count, int) or count < 1:
+                continue
+            loss, accuracy = m.get(K.MET_EVAL_LOSS), m.get(K.MET_EVAL_ACCURACY)
+            if not (isinstance(loss, float) and isinstance(accuracy, float)):
+                continue
+            losses.append(loss)
+            accuracies.append(accuracy)
+            weights.append(count)
+        if weights:
+            outcome.loss = float(np.average(losses, weights=weights))
+            outcome.accuracy = float(np.average(accuracies, weights=weights))
+            outcome.sites = len(weights)
         return outcome

@@ -13,6 +13,12 @@ latest checkpoint (global adapter, strategy, sampling RNG, privacy report) and g
 the next round under the same id, so a round that was under way at the crash is trained
 again from the same checkpoint and charged once.
 
+Evaluation asks only the sites that trained in the round (a site evaluates nothing else, see
+:mod:`fedpeft.client.app`); under secure aggregation it is a secure sum of their figures.
+With run config ``coordinator-key`` (the path of an Ed25519 key made by ``fedpeft keys
+--coordinator``) every train and evaluate instruction is signed, so sites that trust only
+that coordinator can tell its instructions from anyone else's.
+
 The loop is fedpeft's own rather than ``flwr.serverapp.strategy.Strategy.start`` because
 a round here has more exchanges than one train and one evaluate (secure aggregation)
 and must checkpoint after every round; it uses Flower's ``Grid`` for all messaging.
@@ -31,7 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import constants as K
@@ -44,12 +51,14 @@ from fedpeft.config import (
     read_run_config,
     to_yaml,
 )
+from fedpeft.instructions import Signer, config_digest
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
+from fedpeft.privacy.signing import load_private_key
 from fedpeft.server.aggregation import (
     Aggregation,
+    EvalRequest,
     PlainAggregation,
     RoundRequest,
-    adapter_content,
 )
 from fedpeft.server.exchange import PollingGrid
 from fedpeft.server.privacy_report import PrivacyReport
@@ -100,23 +109,17 @@ def sample_nodes(
     return sorted(int(nodes[int(i)]) for i in picks)
 
 
-def _messages(
-    nodes: Sequence[int], content: RecordDict, message_type: str, *, round_number: int
-) -> list[Message]:
-    """One message per node, grouped by round (Flower's logs show it as ``ROUND``)."""
-    return [
-        Message(
-            content=content, dst_node_id=n, message_type=message_type, group_id=str(round_number)
-        )
-        for n in nodes
-    ]
-
-
 class Federation:
     """State of one federation on the server and the steps of a round."""
 
     def __init__(
-        self, grid: Grid, config: FedPeftConfig, run_dir: RunDir, progress: Progress
+        self,
+        grid: Grid,
+        config: FedPeftConfig,
+        run_dir: RunDir,
+        progress: Progress,
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.grid = grid
         self.config = config
@@ -135,6 +138,9 @@ class Federation:
         self.privacy = PrivacyReport(config)
         self.next_round = 1
         self.federation_id = uuid.uuid4().hex
+        self.signer = (
+            Signer(signing_key, config_digest(to_yaml(config))) if signing_key is not None else None
+        )
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, round_number: int) -> None:
@@ -218,6 +224,7 @@ class Federation:
             timeout=fed.round_timeout,
             federation_id=self.federation_id,
             broadcast=self.broadcast(),
+            signer=self.signer,
         )
         outcome = self.aggregation.run_round(self.grid, request)
         updated = outcome.mean_delta is not None
@@ -240,55 +247,54 @@ class Federation:
             "bytes_up": outcome.bytes_up,
             "site_metrics": outcome.site_metrics,
             "secagg": self.config.secagg.enabled,
+            "contributors": [int(n) for n in outcome.contributors],
         }
 
     def available(self, nodes: list[int]) -> list[int]:
         """Connected nodes minus those that refused a round for their privacy budget."""
         return [n for n in nodes if str(n) not in self.privacy.exhausted]
 
-    def evaluate_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
+    def evaluate_round(self, round_number: int, trained: list[int]) -> dict[str, Any]:
+        """Held-out figures of the adapter after ``round_number``, from sites that trained it.
+
+        A site evaluates only a round it was charged for (once, one adapter), so the server
+        asks among that round's contributors; under secure aggregation at least
+        ``federation.min_sites`` of them, and it learns only the sum of their figures.
+        """
         fed = self.config.federation
-        if fed.fraction_evaluate == 0:
-            return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0, "eval_bytes_down": 0}
-        chosen = sample_nodes(self.rng, nodes, fraction=fed.fraction_evaluate, minimum=1)
-        broadcast = self.broadcast()
-        content = adapter_content(self.global_flat, broadcast, {K.CFG_ROUND: round_number})
-        replies = self.grid.send_and_receive(
-            _messages(chosen, content, MessageType.EVALUATE, round_number=round_number),
-            timeout=fed.round_timeout,
-        )
-        losses, accs, weights = [], [], []
-        for reply in replies:
-            if reply.has_error():
-                logger.warning(
-                    "round %d: evaluation failed at site %d: %s",
-                    round_number,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
-                continue
-            m = reply.content.metric_records.get(K.METRICS)
-            if m is None or not isinstance(m.get(K.MET_NUM_EXAMPLES), int):
-                continue
-            losses.append(float(m[K.MET_EVAL_LOSS]))  # type: ignore[arg-type]
-            accs.append(float(m[K.MET_EVAL_ACCURACY]))  # type: ignore[arg-type]
-            weights.append(int(m[K.MET_NUM_EXAMPLES]))  # type: ignore[arg-type]
-        if not weights:
-            return {
-                "eval_loss": None,
-                "eval_accuracy": None,
-                "eval_sites": 0,
-                "eval_bytes_down": int(broadcast.values.nbytes) * len(chosen),
-            }
-        loss = float(np.average(losses, weights=weights))
-        row: dict[str, Any] = {
-            "eval_loss": loss,
-            "eval_accuracy": float(np.average(accs, weights=weights)),
-            "eval_sites": len(weights),
-            "eval_bytes_down": int(broadcast.values.nbytes) * len(chosen),
+        minimum = fed.min_sites if self.config.secagg.enabled else 1
+        empty: dict[str, Any] = {
+            "eval_loss": None,
+            "eval_accuracy": None,
+            "eval_sites": 0,
+            "eval_bytes_down": 0,
         }
-        if self.config.model.task == "causal_lm":
-            row["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
+        if fed.fraction_evaluate == 0 or len(trained) < minimum:
+            return empty
+        chosen = sample_nodes(self.rng, trained, fraction=fed.fraction_evaluate, minimum=minimum)
+        outcome = self.aggregation.evaluate(
+            self.grid,
+            EvalRequest(
+                round_number=round_number,
+                nodes=chosen,
+                global_flat=self.global_flat,
+                broadcast=self.broadcast(),
+                federation_id=self.federation_id,
+                timeout=fed.round_timeout,
+                min_sites=fed.min_sites,
+                signer=self.signer,
+            ),
+        )
+        row: dict[str, Any] = {
+            "eval_loss": outcome.loss,
+            "eval_accuracy": outcome.accuracy,
+            "eval_sites": outcome.sites,
+            "eval_bytes_down": outcome.bytes_down,
+        }
+        if outcome.failures:
+            row["eval_failures"] = outcome.failures
+        if self.config.model.task == "causal_lm" and outcome.loss is not None:
+            row["eval_perplexity"] = float(math.exp(min(outcome.loss, 50.0)))
         return row
 
     def run(self) -> list[dict[str, Any]]:
@@ -318,7 +324,7 @@ class Federation:
             phases = {"nodes": time.perf_counter() - start}
             row.update(self.train_round(round_number, sampled))
             phases["train"] = time.perf_counter() - start - sum(phases.values())
-            row.update(self.evaluate_round(round_number, usable))
+            row.update(self.evaluate_round(round_number, row.pop("contributors")))
             phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
             row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
             self.privacy.observe(round_number, row["site_metrics"], row["failures"])
@@ -362,18 +368,22 @@ def run_federation(
     run_dir: str | Path,
     progress: Progress | None = None,
     resume: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> list[dict[str, Any]]:
     """Run every round of a federation and return the rows of ``metrics.jsonl``.
 
     With ``resume`` the federation whose files are in ``run_dir`` continues after its last
-    finished round (see :meth:`Federation.resume`).
+    finished round (see :meth:`Federation.resume`); with ``signing_key`` every instruction
+    carries the coordinator's signature.
     """
     if resume and not Path(run_dir).is_dir():
         raise ConfigError(
             f"resume-from={str(run_dir)!r} does not exist; give the run directory of the "
             "federation to continue, or leave resume-from empty to start a new one"
         )
-    federation = Federation(grid, config, RunDir(run_dir), progress or Progress())
+    federation = Federation(
+        grid, config, RunDir(run_dir), progress or Progress(), signing_key=signing_key
+    )
     if resume:
         federation.resume()
     return federation.run()
@@ -384,18 +394,27 @@ def make_server_app(
     *,
     run_dir: str | Path | None = None,
     progress: Progress | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> ServerApp:
-    """A ServerApp; with ``config`` it skips reading the run config (simulation)."""
+    """A ServerApp; with ``config`` it skips reading the run config (simulation).
+
+    ``signing_key`` (or, read from the run config, the file named by ``coordinator-key``)
+    signs every train and evaluate instruction.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         resume_from = None
+        key = signing_key
         if config is not None:
             resolved = config
         else:
             settings = read_run_config(context.run_config)
             resolved, resume_from = settings.config, settings.resume_from
+            key_path = str(context.run_config.get(K.RUN_COORDINATOR_KEY, "") or "").strip()
+            if key_path:
+                key = load_private_key(Path(key_path).expanduser())
         if resume_from is not None:
             out = Path(resume_from)
         else:
@@ -403,7 +422,12 @@ def make_server_app(
         logger.info("fedpeft config: %s", as_dict(resolved))
         # Flower's deployed grid waits 3 s between pulls; PollingGrid polls every 0.1 s.
         run_federation(
-            PollingGrid(grid), resolved, run_dir=out, progress=progress, resume=bool(resume_from)
+            PollingGrid(grid),
+            resolved,
+            run_dir=out,
+            progress=progress,
+            resume=bool(resume_from),
+            signing_key=key,
         )
 
     return server_app

@@ -32,7 +32,7 @@ class PrivacyReport:
             if privacy:
                 self.sites[node] = {**privacy, "last_round": round_number}
         for node, reason in failures.items():
-            if reason.startswith(K.REFUSAL_BUDGET):
+            if reason.split(":", 1)[0] == K.REFUSAL_BUDGET:
                 self.exhausted[node] = reason
 
     def epsilons(self) -> dict[str, float]:

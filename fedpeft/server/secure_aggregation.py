@@ -14,14 +14,23 @@ unmasked sum into the round's mean delta. The protocol and its cryptography are 
 3. masked: each site gets the global adapter and train config (the records of a plain train
    message, :func:`~fedpeft.server.aggregation.train_content`) plus the shares addressed to it;
    it trains, clips its delta to ``±secagg.clip_range``, quantises and masks it, and answers a
-   uint32 vector (4 bytes per trained parameter) and its scalar figures (loss, seconds, ε, …).
-4. unmask: survivors reveal the shares that remove the masks of the sum, and no more.
+   uint32 vector (4 bytes per trained parameter) and its public DP figures (ε, σ, q, …) —
+   nothing that depends on its data or its example count.
+4. unmask: survivors reveal the shares that remove the masks of the sum, and no more. The
+   server asks for no share unless the survivors are connected and at least
+   ``max(threshold, federation.min_sites)`` (:class:`~fedpeft.privacy.secagg.SecAggServer`
+   ``min_sum``): it never unmasks a partial sum, nor one of too few sites.
+
+**Evaluation is a secure sum too** (:meth:`SecureAggregation.evaluate`): the same four stages
+with a three-element vector per site, ``c · (accuracy, min(loss, cap) / cap, 1)``
+(:func:`fedpeft.client.app.secure_evaluation`), under its own round id; the server learns the
+mean figures over the sites that evaluated and how many did, never one site's.
 
 **Weighting is uniform.** The mean delta is ``sum / count`` over the sites whose masked vectors
 are in the sum: each site weighs the same whatever its example count, so the server never
 learns a site's example count from its update (sites do not report it under secure aggregation;
-:class:`~fedpeft.server.aggregation.PlainAggregation` weighs by example count). The train loss
-of the round is likewise the plain mean of the included sites' losses.
+:class:`~fedpeft.server.aggregation.PlainAggregation` weighs by example count). Sites send no
+train loss under secure aggregation, so the round has none.
 
 **Mixed LoRA ranks** (``secagg.mixed_ranks``): every masked vector ends with ``lora.r``
 rank-slot indicators, exactly 0.0 or 1.0 (a site of rank ``r_i`` sends 1 for slots ``< r_i``,
@@ -39,9 +48,9 @@ line ``round N abandoned: …``) and the federation goes on with the next round.
 that cannot work (one site, an impossible neighbour count) raises ``SecAggConfigError``.
 
 Round ids bind every key and ciphertext to one round: ``(random 32-bit run salt << 32) |
-round number``, so no two rounds of one run and (but with probability 2^-32) no two runs share
-one. Bytes count the payload actually sent: array elements and byte strings (keys,
-ciphertexts, shares); ints, strings and record overhead are not counted, as in
+evaluation bit << 31 | round number``, so no two rounds of one run and (but with probability
+2^-32) no two runs share one. Bytes count the payload actually sent: array elements and byte
+strings (keys, ciphertexts, shares); ints, strings and record overhead are not counted, as in
 ``PlainAggregation``. Timeouts: the masked stage includes local training and waits
 ``federation.round_timeout``; the other three wait ``secagg.stage_timeout``.
 """
@@ -69,6 +78,7 @@ from fedpeft.privacy.secagg import (
     SecAggAbort,
     SecAggConfigError,
     SecAggProtocolError,
+    SecAggResult,
     SecAggServer,
     UnmaskShares,
 )
@@ -76,8 +86,11 @@ from fedpeft.privacy.secagg_wire import decode, encode
 from fedpeft.ranks import layout_rank, slot_mean
 from fedpeft.server.aggregation import (
     Aggregation,
+    EvalOutcome,
+    EvalRequest,
     RoundOutcome,
     RoundRequest,
+    evaluate_content,
     site_figures,
     train_content,
 )
@@ -249,33 +262,50 @@ class SecureAggregation(Aggregation):
         self.config = config
         self.run_salt = secrets.randbits(32)  # per run: round ids never repeat across runs
 
-    def round_id(self, round_number: int) -> int:
-        """The protocol's round id for ``round_number`` (unique per round and run)."""
-        if not 0 <= round_number < 2**32:
-            raise ValueError(f"round_number={round_number} must be in [0, 2^32)")
-        return (self.run_salt << 32) | round_number
+    def round_id(self, round_number: int, *, evaluation: bool = False) -> int:
+        """The protocol's round id for ``round_number`` (unique per round, kind and run).
 
-    def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
-        """Run the four SecAgg+ stages of one round; return the uniform mean delta."""
-        nodes = [int(n) for n in request.nodes]
-        # With mixed ranks each vector ends with one 0/1 indicator per LoRA rank slot.
-        slots = layout_rank(request.trained) if self.config.mixed_ranks else 0
+        A round's secure evaluation gets its own id (top bit of the low word set), so its
+        keys and shares can never be mistaken for the training's.
+        """
+        if not 0 <= round_number < 2**31:
+            raise ValueError(f"round_number={round_number} must be in [0, 2^31)")
+        return (self.run_salt << 32) | (2**31 if evaluation else 0) | round_number
+
+    def _secure_sum(
+        self,
+        grid: Grid,
+        *,
+        round_number: int,
+        nodes: list[int],
+        vector_length: int,
+        min_sum: int,
+        timeout: float,
+        extra: Mapping[str, Any],
+        evaluation: bool = False,
+    ) -> tuple[SecAggResult | None, _Exchanges]:
+        """The four SecAgg+ stages over ``nodes``; the unmasked sum, or None if abandoned.
+
+        ``extra`` (the train or evaluate instruction) goes with the masked-stage request,
+        whose replies wait ``timeout``; the other stages wait ``secagg.stage_timeout``.
+        """
         try:
             server = SecAggServer(
-                round_id=self.round_id(request.round_number),
+                round_id=self.round_id(round_number, evaluation=evaluation),
                 node_ids=nodes,
-                vector_length=request.trained.size + slots,
+                vector_length=vector_length,
                 clip=float(self.config.clip_range),
                 num_neighbours=self.config.num_neighbours,
                 threshold=self.config.threshold,
+                min_sum=min_sum,  # unmask() refuses a smaller sum before any share
             )
         except SecAggConfigError as error:
             raise SecAggConfigError(
-                f"round {request.round_number} sampled {len(nodes)} site(s), which the secure "
+                f"round {round_number} sampled {len(nodes)} site(s), which the secure "
                 f"aggregation settings cannot serve ({error}); set federation.min_sites >= 2 "
                 "and secagg.num_neighbours / secagg.threshold to null or to values that fit"
             ) from error
-        stages = _Exchanges(grid, request.round_number)
+        stages = _Exchanges(grid, round_number)
         wait = float(self.config.stage_timeout)
         try:
             stages.run(
@@ -293,8 +323,8 @@ class SecureAggregation(Aggregation):
                 server.collect_masked_vectors(),
                 server.receive_masked_vector,
                 MaskedVector,
-                timeout=request.timeout,
-                extra=_train_records(request),
+                timeout=timeout,
+                extra=extra,
             )
             stages.run(
                 K.SECAGG_UNMASK,
@@ -305,21 +335,88 @@ class SecureAggregation(Aggregation):
             )
             result = server.result()
         except SecAggAbort as error:
-            logger.warning("round %d abandoned: %s", request.round_number, error)
+            what = "secure evaluation of round" if evaluation else "round"
+            logger.warning("%s %d abandoned: %s", what, round_number, error)
+            return None, stages
+        if len(result.included) < min_sum:
+            # Defensive, never expected: SecAggServer(min_sum=min_sites) aborts in unmask()
+            # before requesting any share when fewer survivors remain, and result() covers
+            # exactly those survivors. Reaching this means the server unmasked a sum it must
+            # not have (a bug in SecAggServer): discard it and say so loudly.
+            logger.error(
+                "round %d: %d site(s) in the secure sum, below federation.min_sites=%d; "
+                "SecAggServer should have refused to unmask; sum discarded",
+                round_number,
+                len(result.included),
+                min_sum,
+            )
+            return None, stages
+        return result, stages
+
+    def run_round(self, grid: Grid, request: RoundRequest) -> RoundOutcome:
+        """Run the four SecAgg+ stages of one round; return the uniform mean delta."""
+        nodes = [int(n) for n in request.nodes]
+        # With mixed ranks each vector ends with one 0/1 indicator per LoRA rank slot.
+        slots = layout_rank(request.trained) if self.config.mixed_ranks else 0
+        result, stages = self._secure_sum(
+            grid,
+            round_number=request.round_number,
+            nodes=nodes,
+            vector_length=request.trained.size + slots,
+            min_sum=request.min_sites,
+            timeout=request.timeout,
+            extra=_records(train_content(request)),
+        )
+        if result is None:
             return _outcome(nodes, included=(), stages=stages)
         outcome = _outcome(nodes, included=result.included, stages=stages)
         count = len(result.included)
-        if count < request.min_sites:
-            logger.warning(
-                "round %d: %d site(s) in the secure sum, federation.min_sites=%d; sum discarded",
-                request.round_number,
-                count,
-                request.min_sites,
-            )
-        elif slots:
+        if slots:
             outcome.mean_delta = _slot_mean(result.total, count, request, slots)
         else:
             outcome.mean_delta = (result.total / count).astype(np.float32)
+        return outcome
+
+    def evaluate(self, grid: Grid, request: EvalRequest) -> EvalOutcome:
+        """A secure sum of the sites' held-out figures: the server learns only their means.
+
+        Each site masks ``(c · accuracy, c · min(loss, cap) / cap, c)``
+        (:func:`fedpeft.client.app.secure_evaluation`); the sum's last element over ``c``
+        counts the sites that evaluated, so the means are uniform over those sites.
+        """
+        nodes = [int(n) for n in request.nodes]
+        result, stages = self._secure_sum(
+            grid,
+            round_number=request.round_number,
+            nodes=nodes,
+            vector_length=3,
+            min_sum=request.min_sites,
+            timeout=request.timeout,
+            extra=_records(evaluate_content(request, task_key=True)),
+            evaluation=True,
+        )
+        outcome = EvalOutcome(
+            bytes_down=stages.bytes_down,
+            bytes_up=stages.bytes_up,
+            failures={str(n): reason for n, reason in stages.reasons.items()},
+        )
+        if result is None:
+            return outcome
+        c = float(self.config.clip_range)
+        accuracy_sum, loss_sum, count = (float(v) / c for v in result.total)
+        evaluated = round(count)
+        if evaluated < 1 or abs(count - evaluated) > 1e-3 or evaluated > len(result.included):
+            logger.warning(
+                "round %d: the secure evaluation's site count %.4f is not an integer in "
+                "[1, %d]; figures discarded",
+                request.round_number,
+                count,
+                len(result.included),
+            )
+            return outcome
+        outcome.accuracy = accuracy_sum / evaluated
+        outcome.loss = loss_sum * K.EVAL_LOSS_CAP / evaluated
+        outcome.sites = evaluated
         return outcome
 
 
@@ -340,9 +437,8 @@ def _slot_mean(
     return slot_mean(total[:size], slot_weights=counts, total_weight=count, layout=request.trained)
 
 
-def _train_records(request: RoundRequest) -> dict[str, Any]:
-    """The records of a plain train message (global adapter, train config), by key."""
-    content = train_content(request)
+def _records(content: RecordDict) -> dict[str, Any]:
+    """The records of a plain train or evaluate message (global adapter, config), by key."""
     return {**content.array_records, **content.config_records}
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.deploy import make_certificates, make_site_keys
+from fedpeft.deploy import make_certificates, make_coordinator_key, make_site_keys
 from fedpeft.testing import offline_env
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.toml is here
@@ -145,6 +145,9 @@ class LoopbackDeployment:
         self.home = self.root / "flwr-home"
         self.home.mkdir(exist_ok=True)
         self.port = self.port or free_port()
+        # The coordinator's signing key (README step 1): the ServerApp signs every instruction,
+        # every site trusts only its public key.
+        self.coordinator_key, self.coordinator_pub = make_coordinator_key(self.root / "coordinator")
         if self.secure:
             self.certs = make_certificates(self.root / "certs", hosts=["127.0.0.1", "localhost"])
         self.environ = offline_env(
@@ -295,6 +298,7 @@ class LoopbackDeployment:
         settings: dict[str, str | float] = {
             "data-path": str(site.data),
             "ledger-path": str(site.ledger),
+            "coordinator-public-key": str(self.coordinator_pub),
             **node_settings,
         }
         node_config = " ".join(
@@ -353,9 +357,15 @@ class LoopbackDeployment:
         return nodes
 
     # --- runs -------------------------------------------------------------------------------
-    def submit(self, overrides: str, *, resume_from: str = "") -> int:
-        """``flwr run`` the fedpeft app with these Hydra overrides; the run's id."""
+    def submit(self, overrides: str, *, resume_from: str = "", signed: bool = True) -> int:
+        """``flwr run`` the fedpeft app with these Hydra overrides; the run's id.
+
+        ``signed`` names the coordinator's key in the run config (README step 5); without it
+        the run is what anyone reaching the Control API could submit.
+        """
         run_config = f"overrides={json.dumps(overrides)}"
+        if signed:
+            run_config += f" coordinator-key={json.dumps(str(self.coordinator_key))}"
         if resume_from:
             run_config += f" resume-from={json.dumps(resume_from)}"
         answer = self.flwr("run", str(ROOT), CONNECTION, "--run-config", run_config)

@@ -115,12 +115,24 @@ def test_secure_private_federation_over_tls(tmp_path: Path) -> None:
         record = dep.wait_run(run_id, timeout=480, ready=lambda: _rounds_done(run_dir) == 2)
         assert record["status"] == "finished:completed", dep.tail()
         assert set(dep.online_nodes()) == registered  # no refused node ever joined
+        before = {site.name: _ledger(site.ledger) for site in sites}
+
+        # Anyone who reaches the Control API can submit a run; unsigned, it costs no site a
+        # thing: every site refuses with the fixed code and charges nothing.
+        rogue_dir = tmp_path / "rogue-run"
+        rogue = dep.submit(f"{BASE} federation.rounds=1 output_dir={rogue_dir}", signed=False)
+        record = dep.wait_run(rogue, timeout=300, ready=lambda: _rounds_done(rogue_dir) == 1)
+        assert record["status"] == "finished:completed", dep.tail()
+        (rogue_row,) = RunDir(rogue_dir).read_metrics()
+        assert not rogue_row["updated"] and rogue_row["sites_failed"] == 3
+        assert all(reason.startswith(K.ERR_SIGNATURE) for reason in rogue_row["failures"].values())
+        assert {site.name: _ledger(site.ledger) for site in sites} == before
 
     rows = RunDir(run_dir).read_metrics()
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["sites_sampled"] == row["sites_replied"] == 3 and row["sites_failed"] == 0
-        assert row["updated"] and row["secagg"] and np.isfinite(row["train_loss"])
+        assert row["updated"] and row["secagg"] and row["train_loss"] is None  # not sent
         assert sorted(row["epsilon"]) == sorted(str(n) for n in registered)
     assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"] <= 8.0
 
@@ -241,7 +253,7 @@ def test_killed_serverapp_resumes_without_charging_a_round_twice(tmp_path: Path)
     assert resumed is not None and expected is not None and expected.round == 2
     np.testing.assert_allclose(resumed.global_flat, expected.global_flat, rtol=0, atol=1e-6)
     for got, want in zip(rows, reference.read_metrics(), strict=True):
-        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["train_loss"] is None and want["train_loss"] is None  # not sent under DP
         assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-9)
 
 
@@ -274,7 +286,7 @@ def test_a_site_killed_mid_round_is_recovered_by_secure_aggregation(tmp_path: Pa
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[0]["sites_replied"] == 3
     assert rows[1]["sites_replied"] == 2 and rows[1]["sites_dropped"] >= 1
-    assert all(r["updated"] and r["secagg"] and np.isfinite(r["train_loss"]) for r in rows)
+    assert all(r["updated"] and r["secagg"] and r["train_loss"] is None for r in rows)
     assert rows[2]["sites_replied"] == 2
     federation_id = json.loads((run_dir / "federation.json").read_text())["federation_id"]
     charged = {s.name: [(e["run_id"], e["round"]) for e in _ledger(s.ledger)] for s in sites}

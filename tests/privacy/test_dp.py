@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
+import numpy as np
+import opacus.optimizers.optimizer
+import opacus.optimizers.optimizer_fast_gradient_clipping
 import pytest
 import torch
 from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.losses import per_example_loss
 from fedpeft.privacy.calibration import compute_epsilon
-from fedpeft.privacy.dp import DPSession, find_dp_problems, make_private, poisson_sample_rate
+from fedpeft.privacy.dp import (
+    DPSession,
+    PoissonDataLoader,
+    find_dp_problems,
+    make_private,
+    poisson_sample_rate,
+)
 from fedpeft.privacy.errors import (
     BudgetExceededError,
     DPCompatibilityError,
     PrivacyConfigError,
     PrivacyError,
 )
+from fedpeft.privacy.randomness import PoissonBatchSampler
 
 pytestmark = [
-    # Opacus warns once per process that torchcsprng is not in use (documented in dp.py).
+    # PrivacyEngine(secure_mode=False) warns about torch generators that fedpeft no longer
+    # draws from (noise and sampling come from ChaCha20; documented in dp.py).
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
     # torch notes that LoRA layers fed by frozen layers have no input gradient: expected here.
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
@@ -31,6 +45,7 @@ pytestmark = [
 ]
 
 MODES = ("hooks", "functorch", "ghost")
+KEY = bytes(range(32))
 OPACUS_PARAM_ATTRS = (
     "grad_sample",
     "_forward_counter",
@@ -168,24 +183,30 @@ def test_dp_step_changes_exactly_the_adapter(tiny: SimpleNamespace, mode: str) -
     assert changed == trainable
 
 
+@pytest.mark.parametrize("explicit_rate", [False, True])
 @pytest.mark.parametrize(("kind", "mode"), [("bert", m) for m in MODES] + [("llama", "hooks")])
 def test_noise_free_unclipped_dp_step_equals_sgd(
-    tiny: SimpleNamespace, kind: str, mode: str
+    tiny: SimpleNamespace, kind: str, mode: str, explicit_rate: bool
 ) -> None:
     plain, batch = _model_and_batch(tiny, kind)
     private = copy.deepcopy(plain)
-    # 20 examples, batch_size 5: q = 1/4 and E = 5. Poisson sampling is bypassed *here only*
-    # by stepping on a fixed batch of exactly E examples.
+    # 20 examples, batch_size 5: q = 1/4 and E = 5; or batch_size 7 (q would be 1/3, E 6)
+    # with sample_rate=0.25 given: E = 5 again. Poisson sampling is bypassed *here only* by
+    # stepping on a fixed batch of exactly E examples.
     pool = tiny.make_batch(batch.task, lengths=[3, 5, 7, 9] * 5, seed=7)
     fixed = pool.subset([0, 5, 10, 15, 18])
-    loader = _loader_over(pool, batch_size=5)
+    loader = _loader_over(pool, batch_size=7 if explicit_rate else 5)
+    rate = {"sample_rate": 0.25} if explicit_rate else {}
 
     sgd = torch.optim.SGD(list(_trainable(plain).values()), lr=0.5)
     tiny.losses_of(plain, fixed).mean().backward()
     sgd.step()
 
-    session = _private(private, loader, grad_sample_mode=mode, max_grad_norm=1e6, lr=0.5)
+    session = _private(
+        private, loader, grad_sample_mode=mode, max_grad_norm=1e6, lr=0.5, noise_key=KEY, **rate
+    )
     assert session.expected_batch_size == fixed.size
+    assert session.sample_rate == 0.25
     session.backward(tiny.losses_of(session.module, fixed))
     session.optimizer.step()
     session.close()
@@ -351,10 +372,17 @@ def test_data_loader_is_poisson_sampled(tiny: SimpleNamespace) -> None:
     pool = tiny.make_batch("classification", lengths=[5] * 40, seed=2)
     loader = _loader_over(pool, batch_size=8)
     session = _private(model, loader)
-    assert isinstance(session.data_loader, DPDataLoader)
+    assert isinstance(session.data_loader, PoissonDataLoader)
+    assert isinstance(session.data_loader.batch_sampler, PoissonBatchSampler)
     assert session.sample_rate == poisson_sample_rate(loader) == pytest.approx(1 / 5)
+    assert session.data_loader.sample_rate == session.sample_rate
+    assert session.expected_batch_size == 8
+    assert len(session.data_loader) == 5
     sizes = {len(labels) for _ in range(5) for *_, labels in session.data_loader}
     assert len(sizes) > 1  # Poisson batches vary in size
+    # the session's loader is no plain loader to wrap again
+    problems = find_dp_problems(model, data_loader=session.data_loader)
+    assert any("already Poisson-sampled (a PoissonDataLoader)" in p for p in problems)
     session.close()
 
 
@@ -405,7 +433,8 @@ def test_frozen_parameters_in_optimizer_and_bad_loaders_are_rejected(tiny: Simpl
     assert any("frozen parameters" in p for p in find_dp_problems(model, optimizer=optimizer))
     dp_loader = DPDataLoader.from_data_loader(_loader_over(batch))
     assert any(
-        "already a DPDataLoader" in p for p in find_dp_problems(model, data_loader=dp_loader)
+        "already Poisson-sampled (a DPDataLoader)" in p
+        for p in find_dp_problems(model, data_loader=dp_loader)
     )
 
 
@@ -420,6 +449,8 @@ def test_invalid_settings_are_listed_together(tiny: SimpleNamespace) -> None:
             grad_sample_mode="ew",
             loss_reduction="avg",
             max_steps=-2,
+            noise_key=b"short",
+            sample_rate=1.5,
         )
     message = str(info.value)
     for fragment in (
@@ -428,8 +459,211 @@ def test_invalid_settings_are_listed_together(tiny: SimpleNamespace) -> None:
         "grad_sample_mode='ew'",
         "loss_reduction='avg'",
         "max_steps=-2",
+        "noise_key must be None or 32 bytes, got 5 bytes",
+        "sample_rate=1.5",
     ):
         assert fragment in message, fragment
+    assert _opacus_traces(model) == []
+
+
+# ---------------------------------------------------------------------------- randomness, rate
+
+OTHER_KEY = bytes(range(1, 33))
+
+
+def _linear_model() -> nn.Module:
+    """A plain float64 linear layer, 10,050 trainable floats, the same on every call."""
+    torch.manual_seed(0)
+    return nn.Linear(200, 50, dtype=torch.float64).train()
+
+
+def _linear_session(mode: str, **kwargs: object) -> tuple[nn.Module, DPSession, torch.Tensor]:
+    """40 examples through a loader of batch_size 16 (its own q would be 1/3)."""
+    x = torch.randn(40, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = _linear_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    settings: dict[str, object] = {"noise_multiplier": 1.3, "max_grad_norm": 0.7}
+    settings.update(kwargs)
+    session = make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(TensorDataset(x), batch_size=16),
+        grad_sample_mode=mode,
+        **settings,
+    )
+    return model, session, x
+
+
+def _noisy_step(model: nn.Module, session: DPSession, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """One step whose clipped gradient sum is zero; returns -Δparameters (= noise / E)."""
+    before = [p.detach().clone() for p in model.parameters()]
+    if kind == "empty":
+        session.backward(torch.empty(0, dtype=torch.float64))
+    else:  # a real forward and backward whose per-example gradients are all zero
+        session.backward((session.module(x[:6]) * 0.0).sum(dim=1))
+    session.optimizer.step()
+    session.optimizer.zero_grad()
+    return torch.cat(
+        [(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)]
+    )
+
+
+@pytest.mark.parametrize("kind", ["empty", "zero-gradient"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_has_std_sigma_c_over_the_expected_batch(
+    mode: str, reduction: str, kind: str
+) -> None:
+    model, session, x = _linear_session(
+        mode, loss_reduction=reduction, sample_rate=0.25, noise_key=KEY
+    )
+    assert session.expected_batch_size == 10  # floor(0.25 * 40)
+    noise = torch.cat([_noisy_step(model, session, x, kind) for _ in range(3)]).numpy()
+    session.close()
+    std = 1.3 * 0.7 / (10 if reduction == "mean" else 1)
+    n = noise.size  # 30,150
+    assert abs(noise.mean()) < 4 * std / math.sqrt(n)
+    assert abs(noise.std() / std - 1) < 4 * math.sqrt(1 / (2 * n))
+    assert stats.kstest(noise / std, "norm").pvalue > 1e-3
+    assert len(set(noise[:10_050].tolist()) & set(noise[10_050:].tolist())) == 0  # fresh draws
+
+
+def test_one_key_gives_the_same_noise_in_every_mode() -> None:
+    """The noise depends on the key and the parameters' order only, not on the mode."""
+    updates = []
+    for mode in MODES:
+        model, session, x = _linear_session(mode, noise_key=KEY)
+        updates.append(_noisy_step(model, session, x, "empty"))
+        session.close()
+    assert all(torch.equal(updates[0], other) for other in updates[1:])
+    model, session, x = _linear_session("hooks", noise_key=OTHER_KEY)
+    assert not torch.equal(updates[0], _noisy_step(model, session, x, "empty"))
+    session.close()
+
+
+def test_without_a_key_every_session_draws_fresh_noise() -> None:
+    draws = []
+    for _ in range(2):
+        model, session, x = _linear_session("hooks")
+        draws.append(_noisy_step(model, session, x, "empty"))
+        session.close()
+    assert not torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_noise_key_gives_bit_identical_updates(tiny: SimpleNamespace, mode: str) -> None:
+    base = tiny.build_bert_classifier(dtype=torch.float32)
+    pool = tiny.make_batch("classification", lengths=[4, 6, 8] * 8, seed=5)
+
+    def run(key: bytes, torch_seed: int) -> tuple[dict[str, torch.Tensor], list[object]]:
+        model = copy.deepcopy(base)
+        torch.manual_seed(torch_seed)  # torch's generators must play no part
+        session = _private(
+            model,
+            _loader_over(pool, batch_size=6),
+            grad_sample_mode=mode,
+            noise_multiplier=1.0,
+            lr=0.05,
+            noise_key=key,
+        )
+        batches = []
+        for ids, mask, labels in session.data_loader:  # 4 Poisson batches
+            batches.append(ids.tolist())
+            if labels.shape[0] == 0:
+                session.backward(torch.empty(0))
+            else:
+                logits = session.module(input_ids=ids, attention_mask=mask).logits
+                session.backward(per_example_loss(logits, labels, task="classification"))
+            session.optimizer.step()
+            session.optimizer.zero_grad()
+        session.close()
+        return {n: p.detach().clone() for n, p in _trainable(model).items()}, batches
+
+    first, first_batches = run(KEY, 0)
+    again, again_batches = run(KEY, 1)
+    other, other_batches = run(OTHER_KEY, 0)
+    assert again_batches == first_batches and other_batches != first_batches
+    for name, value in first.items():
+        assert torch.equal(again[name], value), name
+    assert all(not torch.equal(other[name], value) for name, value in first.items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_draw_comes_from_opacus_torch_generator_paths(
+    tiny: SimpleNamespace, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a torch-generator path of Opacus was used")
+
+    monkeypatch.setattr(opacus.optimizers.optimizer, "_generate_noise", refuse)
+    monkeypatch.setattr(
+        opacus.optimizers.optimizer_fast_gradient_clipping, "_generate_noise", refuse
+    )
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", refuse)
+    model, _ = _model_and_batch(tiny, "bert")
+    pool = tiny.make_batch("classification", lengths=[4, 6, 8] * 4, seed=5)
+    session = _private(
+        model, _loader_over(pool, batch_size=4), grad_sample_mode=mode, noise_multiplier=1.0
+    )
+    for ids, mask, labels in session.data_loader:
+        if labels.shape[0] == 0:
+            session.backward(torch.empty(0))
+        else:
+            logits = session.module(input_ids=ids, attention_mask=mask).logits
+            session.backward(per_example_loss(logits, labels, task="classification"))
+        session.optimizer.step()
+        session.optimizer.zero_grad()
+    assert session.steps == 3
+    session.close()
+
+
+def test_explicit_sample_rate_gives_batches_of_mean_size_q_n(tiny: SimpleNamespace) -> None:
+    model, _ = _model_and_batch(tiny, "bert")
+    n, q = 60, 0.15
+    pool = tiny.make_batch("classification", lengths=[5] * n, seed=2)
+    loader = _loader_over(pool, batch_size=4)  # its own rate would be 1/15
+    session = _private(model, loader, sample_rate=q, noise_key=KEY)
+    assert session.sample_rate == session.data_loader.sample_rate == q
+    assert session.expected_batch_size == 9  # floor(0.15 * 60)
+    assert len(session.data_loader) == 6  # floor(1 / q) batches per pass, as Opacus
+    sizes = np.array([len(labels) for _ in range(50) for *_, labels in session.data_loader])
+    assert len(sizes) == 300
+    assert abs(sizes.mean() - q * n) < 4 * math.sqrt(n * q * (1 - q) / len(sizes))
+    session.close()
+
+
+def test_expected_batch_size_follows_q_and_n_and_is_at_least_one(tiny: SimpleNamespace) -> None:
+    model, batch = _model_and_batch(tiny, "bert")  # 5 examples
+    for rate, expected in ((0.1, 1), (0.5, 2), (0.6, 3), (1.0, 5)):
+        session = _private(model, _loader_over(batch), sample_rate=rate)
+        assert session.expected_batch_size == expected, rate
+        session.close()
+    # q * N = 0.5 < 1: the noisy sum is divided by 1, not 0
+    session = _private(model, _loader_over(batch), sample_rate=0.1, noise_multiplier=1.0)
+    session.backward(torch.empty(0))
+    session.optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in _trainable(model).values())
+    session.close()
+    # 98 examples in batches of 2: q = 1/49, and Opacus' int(98 * (1 / 49)) would be 1
+    pool = tiny.make_batch("classification", lengths=[3] * 98, seed=4)
+    session = _private(model, _loader_over(pool, batch_size=2))
+    assert (session.sample_rate, session.expected_batch_size) == (1 / 49, 2)
+    assert len(session.data_loader) == 49
+    session.close()
+
+
+def test_bad_noise_keys_and_sample_rates_are_refused_by_name(tiny: SimpleNamespace) -> None:
+    model, batch = _model_and_batch(tiny, "bert")
+    keys = [(b"k" * 16, "16 bytes"), ("k" * 32, "str"), (bytearray(32), "bytearray"), (7, "int")]
+    for key, got in keys:
+        with pytest.raises(
+            PrivacyConfigError, match=f"noise_key must be None or 32 bytes, got {got}"
+        ) as info:
+            _private(model, _loader_over(batch), noise_key=key)
+        assert "kkkk" not in str(info.value)  # the message never echoes a key
+    for rate in (0, 0.0, -0.5, 1.0001, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(PrivacyConfigError, match=r"sample_rate=.* must be None .* in \(0, 1\]"):
+            _private(model, _loader_over(batch), sample_rate=rate)
     assert _opacus_traces(model) == []
 
 

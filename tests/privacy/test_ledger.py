@@ -10,7 +10,13 @@ import pytest
 from opacus.accountants import create_accountant
 
 from fedpeft.privacy.calibration import compute_epsilon
-from fedpeft.privacy.errors import BudgetExceededError, LedgerError, PrivacyConfigError
+from fedpeft.privacy.errors import (
+    BudgetExceededError,
+    EvaluationRefusedError,
+    LedgerError,
+    PrivacyConfigError,
+    ReleaseMismatchError,
+)
 from fedpeft.privacy.ledger import LEDGER_FORMAT, PrivacyLedger
 
 pytestmark = [
@@ -100,7 +106,7 @@ def test_ledger_survives_restart_and_accumulates_across_runs(tmp_path: Path) -> 
     _record_all(first, MIXED_ROUNDS[:2])
     del first  # "restart": a new process opens the same file
     second = PrivacyLedger(path, delta=DELTA, accountant="rdp")
-    assert [e.key for e in second.entries] == [("run-a", 1), ("run-a", 2)]
+    assert [e.key for e in second.entries] == [("run-a", 1, ""), ("run-a", 2, "")]
     _record_all(second, MIXED_ROUNDS[2:])
     third = PrivacyLedger(path, delta=DELTA, accountant="rdp")
     raw = [(sigma, rate, steps) for _, _, sigma, rate, steps in MIXED_ROUNDS]
@@ -245,4 +251,78 @@ def test_concurrent_writers_do_not_lose_records(tmp_path: Path) -> None:
         assert worker.exitcode == 0
     entries = PrivacyLedger(path, delta=DELTA, accountant="rdp").entries
     assert len(entries) == 45
-    assert {e.key for e in entries} == {(f"run-{i}", r) for i in range(3) for r in range(15)}
+    assert {e.key for e in entries} == {(f"run-{i}", r, "") for i in range(3) for r in range(15)}
+
+
+def test_a_round_with_another_binding_is_charged_again(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=DELTA, accountant="rdp")
+    args = {"run_id": "fed", "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 10}
+    first = ledger.record(**args, binding="a" * 64)
+    assert ledger.record(**args, binding="a" * 64) == first  # a retry: charged once
+    assert len(ledger.entries) == 1
+    ledger.record(**args, binding="b" * 64)  # changed inputs: another release, another charge
+    assert [e.binding for e in ledger.entries] == ["a" * 64, "b" * 64]
+    assert ledger.epsilon() == pytest.approx(
+        _opacus_epsilon([(1.0, 0.01, 10), (1.0, 0.01, 10)], "rdp"), rel=1e-9
+    )
+
+
+def test_a_retry_that_released_something_else_is_refused(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=DELTA, accountant="rdp")
+    key = {"run_id": "fed", "round": 1, "binding": "a" * 64}
+    with pytest.raises(LedgerError, match="charge it first"):
+        ledger.attach_release(**key, release="1" * 64)
+    ledger.record(**key, noise_multiplier=1.0, sample_rate=0.01, steps=10)
+    ledger.attach_release(**key, release="1" * 64)
+    ledger.attach_release(**key, release="1" * 64)  # the identical retry
+    before = ledger.path.read_bytes()
+    with pytest.raises(ReleaseMismatchError, match="withheld"):
+        ledger.attach_release(**key, release="2" * 64)
+    assert ledger.path.read_bytes() == before
+    assert ledger.entries[0].release == "1" * 64
+
+
+def test_evaluation_is_once_per_charged_round(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=DELTA, accountant="rdp")
+    with pytest.raises(EvaluationRefusedError, match="not charged"):
+        ledger.record_evaluation(run_id="fed", round=1, adapter="1" * 64)
+    ledger.record(run_id="fed", round=1, noise_multiplier=1.0, sample_rate=0.01, steps=1)
+    ledger.record_evaluation(run_id="fed", round=1, adapter="1" * 64)
+    ledger.record_evaluation(run_id="fed", round=1, adapter="1" * 64)  # a retry
+    with pytest.raises(EvaluationRefusedError, match="probe"):
+        ledger.record_evaluation(run_id="fed", round=1, adapter="2" * 64)
+    with pytest.raises(EvaluationRefusedError, match="not charged"):
+        ledger.record_evaluation(run_id="fed", round=2, adapter="1" * 64)
+    reopened = PrivacyLedger(ledger.path, delta=DELTA, accountant="rdp")
+    assert [(e.run_id, e.round, e.adapter) for e in reopened.evaluations] == [("fed", 1, "1" * 64)]
+
+
+def test_a_version_1_ledger_is_read_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    entry = {
+        "run_id": "old",
+        "round": 1,
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.01,
+        "steps": 10,
+        "recorded_at": "2026-11-01T00:00:00+00:00",
+    }
+    path.write_text(
+        json.dumps(
+            {
+                "format": "fedpeft.privacy_ledger",
+                "version": 1,
+                "accountant": "rdp",
+                "delta": DELTA,
+                "entries": [entry],
+            }
+        )
+    )
+    ledger = PrivacyLedger(path, delta=DELTA, accountant="rdp")
+    assert ledger.history == [(1.0, 0.01, 10)] and ledger.entries[0].binding == ""
+    ledger.record(
+        run_id="new", round=1, noise_multiplier=1.0, sample_rate=0.01, steps=10, binding="c" * 64
+    )
+    document = json.loads(path.read_text())
+    assert document["version"] == 2 and len(document["entries"]) == 2
+    assert document["entries"][0]["recorded_at"] == entry["recorded_at"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Collection, Mapping
+from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from scipy import stats
 
+from fedpeft.privacy import secagg_messages
 from fedpeft.privacy.quantize import quantize
 from fedpeft.privacy.secagg import (
     EncryptedShares,
@@ -124,7 +127,8 @@ class Round:
 @st.composite
 def round_shapes(draw: st.DrawFn) -> tuple[int, int, int, int]:
     n = draw(st.sampled_from([3, 5, 10]))
-    k = draw(st.sampled_from([k for k in range(1, n) if k % 2 == 0 or n % 2 == 0]))
+    # k = 1 pairs the nodes off (a disconnected graph): rejected for n > 2, tested below.
+    k = draw(st.sampled_from([k for k in range(2, n) if k % 2 == 0 or n % 2 == 0]))
     t = draw(st.integers(min_value=(k + 1) // 2 + 1, max_value=k + 1))
     return n, k, t, draw(st.integers(min_value=1, max_value=300))
 
@@ -406,12 +410,19 @@ def test_server_parameters_are_validated_together() -> None:
         assert part in message
     with pytest.raises(SecAggConfigError, match="num_neighbours=3 is odd"):
         SecAggServer(round_id=1, node_ids=range(7), vector_length=4, clip=1.0, num_neighbours=3)
+    with pytest.raises(SecAggConfigError, match="num_neighbours=1 with 6 nodes pairs them off"):
+        SecAggServer(round_id=1, node_ids=range(6), vector_length=4, clip=1.0, num_neighbours=1)
+    two = SecAggServer(round_id=1, node_ids=[3, 4], vector_length=4, clip=1.0, num_neighbours=1)
+    assert two.graph == {3: (4,), 4: (3,)}
     with pytest.raises(SecAggConfigError, match="num_neighbours=7 is not allowed"):
         SecAggServer(round_id=1, node_ids=range(7), vector_length=4, clip=1.0, num_neighbours=7)
     with pytest.raises(SecAggConfigError, match="at least 2"):
         SecAggServer(round_id=1, node_ids=[5], vector_length=4, clip=1.0)
     with pytest.raises(SecAggConfigError, match="node id=-1"):
         SecAggServer(round_id=1, node_ids=[-1, 2], vector_length=4, clip=1.0)
+    for bad in (-1, True, 2.5):
+        with pytest.raises(SecAggConfigError, match=f"min_sum={bad!r} is not allowed"):
+            SecAggServer(round_id=1, node_ids=range(5), vector_length=4, clip=1.0, min_sum=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("num_nodes", [2, 3, 8, 20, 101])
@@ -423,3 +434,113 @@ def test_neighbour_graph_is_regular_and_symmetric(num_nodes: int) -> None:
         assert all(node in graph[other] for other in neighbours)
     holders = k + 1
     assert holders / 2 < default_threshold(k) <= holders
+
+
+@pytest.mark.parametrize("num_nodes", [26, 64])
+def test_default_threshold_is_the_bounds_for_the_default_degree(num_nodes: int) -> None:
+    server = SecAggServer(round_id=1, node_ids=range(num_nodes), vector_length=4, clip=1.0)
+    params = secagg_messages.graph_parameters(num_nodes)
+    assert (server.num_neighbours, server.threshold) == (params.num_neighbours, params.threshold)
+    explicit = SecAggServer(
+        round_id=1, node_ids=range(num_nodes), vector_length=4, clip=1.0, num_neighbours=6
+    )
+    assert explicit.threshold == default_threshold(6) == 4  # a majority of the 7 holders
+    assert server.min_sum == 0 and server.min_included == server.threshold
+
+
+# The table in default_num_neighbours' docstring: n -> (k, t) for γ = δ = 1/3, σ = 40, η = 20.
+DEFAULT_TABLE = {
+    3: (2, 2), 4: (3, 3), 5: (4, 3), 6: (5, 4), 7: (6, 4), 8: (6, 4), 10: (8, 5), 12: (10, 6),
+    16: (12, 7), 20: (14, 8), 26: (18, 10), 32: (22, 12), 40: (28, 15), 50: (34, 18),
+    64: (44, 23), 80: (54, 28), 100: (68, 35), 128: (84, 43), 200: (122, 64), 256: (146, 77),
+    300: (164, 86), 500: (216, 114), 700: (254, 134), 1000: (292, 154),
+}  # fmt: skip
+
+
+def test_default_graph_parameters_match_the_documented_table() -> None:
+    for n, (k, t) in DEFAULT_TABLE.items():
+        assert (default_num_neighbours(n), default_threshold(k, num_nodes=n)) == (k, t), n
+        params = secagg_messages.graph_parameters(n)
+        assert (params.num_neighbours, params.threshold) == (k, t)
+        assert params.meets_bound is (n not in (2, 3, 4, 6))
+        assert (k + 1) / 2 < t <= k + 1  # the holders' majority that SecAggClient requires
+    docstring = secagg_messages.default_num_neighbours.__doc__ or ""
+    rows = [line.split() for line in docstring.splitlines()]
+    rows = [r for r in rows if len(r) == 9 and all(c.isdigit() for c in r)]
+    cells = {int(r[i]): (int(r[i + 1]), int(r[i + 2])) for r in rows for i in range(0, 9, 3)}
+    assert cells == DEFAULT_TABLE
+
+
+@pytest.mark.parametrize(
+    ("num_nodes", "rate", "degree"),
+    [(100, "0.45", 92), (100, "0.33", 68), (1000, "0.33", 286), (10, "0.33", 8)],
+)
+def test_graph_parameters_reproduce_the_reference_implementation(
+    num_nodes: int, rate: str, degree: int
+) -> None:
+    # Degrees from google-parfait/federated-compute graph_parameter_finder_test.cc (semi-
+    # honest, security 40, correctness 20, adversarial rate = dropout rate = ``rate``). Its
+    # thresholds (46, 34, 150, 4) may sit at or below half of the k + 1 holders; ours may not.
+    params = secagg_messages.graph_parameters(
+        num_nodes, corrupt_fraction=Fraction(rate), dropout_fraction=Fraction(rate)
+    )
+    assert params.num_neighbours == degree and params.meets_bound
+    assert params.threshold == max((degree + 1) // 2 + 1, {92: 46, 68: 34, 286: 150, 8: 4}[degree])
+
+
+@pytest.fixture
+def ring_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neighbour graphs put the nodes on the ring in the order of ``node_ids``."""
+
+    class InOrder:
+        def shuffle(self, order: list[int]) -> None:
+            pass
+
+    monkeypatch.setattr(secagg_messages, "secrets", SimpleNamespace(SystemRandom=InOrder))
+
+
+@pytest.mark.usefixtures("ring_in_order")
+def test_pruning_before_masking_reaches_a_fixed_point() -> None:
+    federation = Round(20, 16, num_neighbours=4, threshold=3)  # ring: ids in order, k/2 = 2
+    at = federation.ids.__getitem__
+    # Position 5 keeps one live neighbour (7): too weak. Dropping it opens a gap 3-6, which
+    # with the gap 12-13 splits the ring into 7-11 (5 nodes) and 14-19, 0-2 (9 nodes).
+    federation.setup(drop={at(3), at(4), at(6), at(12), at(13)})
+    requests = federation.server.share_keys()
+    largest = {at(p) for p in [*range(14, 20), 0, 1, 2]}
+    assert set(requests) == largest
+    for node, request in requests.items():
+        federation.server.receive_encrypted_shares(federation.clients[node].share_keys(request))
+    federation.collect()
+    result = federation.unmask()
+    federation.check_exact(result, largest)
+
+
+@pytest.mark.usefixtures("ring_in_order")
+def test_unmask_refuses_survivors_in_separate_groups_before_asking_for_shares() -> None:
+    federation = Round(20, 16, num_neighbours=4, threshold=3)
+    at = federation.ids.__getitem__
+    federation.setup()
+    federation.share_keys()
+    federation.collect(drop={at(3), at(4), at(12), at(13)})  # two gaps of k/2 after masking
+    with pytest.raises(SecAggAbort, match=r"form 2 separate groups \(sizes \[9, 7\]\)"):
+        federation.server.unmask()
+    assert all(
+        c.stage is Stage.UNMASK for n, c in federation.clients.items() if n in federation.masked
+    )
+    with pytest.raises(SecAggProtocolError, match="stage aborted"):
+        federation.server.result()
+
+
+def test_min_sum_sets_the_floor_of_every_stage() -> None:
+    federation = Round(6, 8, num_neighbours=4, threshold=3)
+    federation.server = SecAggServer(
+        round_id=42, node_ids=federation.ids, vector_length=8, clip=1.0, num_neighbours=4,
+        threshold=3, min_sum=5,
+    )  # fmt: skip
+    assert federation.server.min_included == 5
+    federation.setup(drop={federation.ids[0], federation.ids[1]})
+    with pytest.raises(
+        SecAggAbort, match=r"4 node\(s\) remain at stage share_keys, fewer than min_sum 5"
+    ):
+        federation.server.share_keys()

@@ -1,0 +1,120 @@
+"""A site's privacy rules, from its node config: what the coordinator can never override.
+
+Kept apart from :mod:`fedpeft.client.privacy` (which imports the training stack) so that the
+ClientApp can check them, and a coordinator's signature, before loading torch or a model.
+See :class:`SiteRules` for each setting and README, "Who decides what".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedpeft import constants as K
+from fedpeft.client.errors import SiteRefusal
+from fedpeft.config import ConfigError, FedPeftConfig
+from fedpeft.privacy.signing import load_public_key
+
+__all__ = ["SiteRules", "require_privacy", "site_rules"]
+
+
+def _float_setting(node_config: Mapping[str, object], key: str) -> float | None:
+    if key not in node_config:
+        return None
+    value = node_config[key]
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ConfigError(f"node config {key}={value!r} is not a number") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"node config {key}={value!r} must be a finite number > 0")
+    return number
+
+
+def _bool_setting(node_config: Mapping[str, object], key: str, *, default: bool) -> bool:
+    if key not in node_config:
+        return default
+    value = node_config[key]
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"node config {key}={value!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class SiteRules:
+    """What a site's operator decided about privacy in its node config.
+
+    Attributes
+    ----------
+    deployed : bool
+        A real site (its node config has no simulation ``partition-id``): the rules below
+        are enforced, and nothing of the run config can loosen them.
+    ledger_path : Path or None
+        ``ledger-path``.
+    epsilon_max : float or None
+        ``privacy-epsilon-max``.
+    delta : float or None
+        ``privacy-delta``: caps the federation's δ.
+    privacy_required : bool
+        ``privacy-required`` (default true): refuse runs with DP off.
+    coordinator_key : Ed25519PublicKey or None
+        ``coordinator-public-key``: train and evaluate only for instructions it signed.
+    """
+
+    deployed: bool
+    ledger_path: Path | None
+    epsilon_max: float | None
+    delta: float | None
+    privacy_required: bool
+    coordinator_key: Ed25519PublicKey | None
+
+
+def site_rules(node_config: Mapping[str, object]) -> SiteRules:
+    """The site's privacy rules from its node config (checked, with clear errors)."""
+    ledger = node_config.get(K.NODE_LEDGER_PATH)
+    key_path = node_config.get(K.NODE_COORDINATOR_PUBLIC_KEY)
+    return SiteRules(
+        deployed=K.NODE_PARTITION_ID not in node_config,
+        ledger_path=Path(str(ledger)).expanduser() if ledger else None,
+        epsilon_max=_float_setting(node_config, K.NODE_EPSILON_MAX),
+        delta=_float_setting(node_config, K.NODE_DELTA),
+        privacy_required=_bool_setting(node_config, K.NODE_PRIVACY_REQUIRED, default=True),
+        coordinator_key=load_public_key(Path(str(key_path)).expanduser()) if key_path else None,
+    )
+
+
+def require_privacy(config: FedPeftConfig, rules: SiteRules) -> None:
+    """Refuse (before any work) a run whose privacy this deployed site does not accept."""
+    if not rules.deployed:
+        return
+    if not config.privacy.enabled:
+        if rules.privacy_required:
+            raise SiteRefusal(
+                K.ERR_DP_REQUIRED,
+                "the run has privacy.enabled=false and this site's node config does not say "
+                f"{K.NODE_PRIVACY_REQUIRED}=false; refused (nothing trained)",
+            )
+        return
+    if rules.ledger_path is None:
+        raise SiteRefusal(
+            K.ERR_LEDGER_REQUIRED,
+            "privacy is on but this site has no ledger: start its SuperNode with "
+            f"--node-config \"{K.NODE_LEDGER_PATH}='/var/lib/fedpeft/ledger.json' ...\" (a "
+            "file on the site's disk, kept across runs); privacy.ledger_dir of the run "
+            "config is not used at a deployed site",
+        )
+    if rules.epsilon_max is None:
+        raise SiteRefusal(
+            K.ERR_CEILING_REQUIRED,
+            f"this site's node config has no {K.NODE_EPSILON_MAX}: a deployed site sets its "
+            f'own ε ceiling, e.g. --node-config "{K.NODE_EPSILON_MAX}=8.0 ..."',
+        )
