@@ -121,8 +121,8 @@ def test_published_outputs_of_the_reference(r: int, v: int, published: float) ->
         (5, 0.19776),
         # r = 10: q = 0.05^0.1 = 0.741134, ε = ln(0.741134 / 0.258866) = 1.051873
         (10, 1.05187),
-        # r = 100: q = 0.05^0.01 = 0.970487, ε = ln(0.970487 / 0.029513) = 3.492900
-        (100, 3.49290),
+        # r = 100: q = 0.05^0.01 = 0.970487, ε = ln(0.970487 / 0.029513) = 3.492965
+        (100, 3.49297),
     ],
 )
 def test_perfect_guesses_pure_dp_by_hand(r: int, expected: float) -> None:
@@ -280,7 +280,7 @@ def test_validity_on_randomised_response() -> None:
         best = max(best, result.epsilon_lower_bound)
     # binomial(200, 0.05) exceeds 20 with probability < 1e-3
     assert rejected <= 20
-    assert 0.3 < best  # the audit does see the signal: it is not vacuous
+    assert best > 0.3  # the audit does see the signal: it is not vacuous
 
 
 # ---------------------------------------------------------------- errors
