@@ -267,7 +267,7 @@ def test_a_site_killed_mid_round_is_recovered_by_secure_aggregation(tmp_path: Pa
         sites = _start_sites(dep, tmp_path)
         run_dir = tmp_path / "run"
         run_id = dep.submit(
-            f"{BASE} secagg.enabled=true federation.rounds=3 secagg.stage_timeout=20 "
+            f"{BASE} secagg.enabled=true federation.rounds=3 secagg.stage_timeout=60 "
             f"output_dir={run_dir}"
         )
         # site-3 dies in round 2 after it sent its encrypted shares, before its masked
