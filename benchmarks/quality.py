@@ -328,6 +328,7 @@ def run_federation(
             # the benchmark's own sites: their ceiling is the run's ε, and the no-DP reference
             # runs are allowed (a deployed site refuses DP off unless it says so)
             K.NODE_EPSILON_MAX: config.privacy.epsilon,
+            K.NODE_DELTA: config.privacy.delta or 1e-5,
             K.NODE_PRIVACY_REQUIRED: str(config.privacy.enabled).lower(),
         }
     grid = InProcessGrid(make_client_app(config), node_configs)

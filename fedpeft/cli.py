@@ -83,7 +83,7 @@ def _keys(args: argparse.Namespace) -> int:
     if args.coordinator:
         private, public = make_coordinator_key(args.out, force=args.force)
         print(f"coordinator signing key written to {private} (keep private; ServerApp run config")
-        print(f"  coordinator-key=\"{private}\") and {public} (give it to every site: node config")
+        print(f'  coordinator-key="{private}") and {public} (give it to every site: node config')
         print(f"  coordinator-public-key='{public}')")
         if not (args.sites or args.name):
             return 0

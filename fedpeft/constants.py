@@ -23,7 +23,15 @@ NODE_EPSILON_MAX = "privacy-epsilon-max"  # the site's ε ceiling; the coordinat
 NODE_DELTA = "privacy-delta"  # the site's δ: the federation's privacy.delta is capped by it
 NODE_PRIVACY_REQUIRED = "privacy-required"  # default true: refuse runs with DP off
 NODE_COORDINATOR_PUBLIC_KEY = "coordinator-public-key"  # train only for instructions it signed
+NODE_SECAGG_REQUIRED = "secagg-required"  # default false: true refuses runs without SecAgg
+NODE_SECAGG_MIN_SITES = "secagg-min-sites"  # refuse secure rounds whose threshold is below it
 NODE_LORA_RANK = "lora-rank"  # the site's LoRA rank, 1..lora.r (default: lora.r)
+# A deployed site's held-out split is its own, fixed across runs (the coordinator's data.*
+# split settings apply to simulation partitions only): its fraction and cap.
+NODE_EVAL_FRACTION = "eval-fraction"  # default DEFAULT_EVAL_FRACTION
+NODE_EVAL_MAX = "eval-max-examples"  # default DEFAULT_EVAL_MAX
+DEFAULT_EVAL_FRACTION = 0.2
+DEFAULT_EVAL_MAX = 200
 
 # --- message record keys ------------------------------------------------------------------
 ARRAYS = "adapter"  # ArrayRecord: one flat float32 array under ARRAY_FLAT
@@ -92,6 +100,8 @@ ERR_LEDGER_REQUIRED = "ledger-required"
 ERR_CEILING_REQUIRED = "ceiling-required"
 ERR_DP_REQUIRED = "dp-required"
 ERR_DELTA = "delta-too-large"
+ERR_DELTA_REQUIRED = "delta-required"
+ERR_SECAGG_REQUIRED = "secagg-required"
 ERR_SIGNATURE = "unsigned-instruction"
 ERR_RELEASE_MISMATCH = "release-mismatch"
 ERR_EVALUATION_REFUSED = "evaluation-refused"
@@ -110,7 +120,15 @@ SITE_ERRORS: dict[str, tuple[int, str]] = {
         "this site has no privacy-epsilon-max in its node config; it trains nothing",
     ),
     ERR_DP_REQUIRED: (4104, "this site trains only with differential privacy on"),
-    ERR_DELTA: (4105, "the federation's privacy.delta is larger than 1/N at this site"),
+    ERR_DELTA: (4105, "the privacy delta is larger than 1/N at this site"),
+    ERR_SECAGG_REQUIRED: (
+        4114,
+        "this site takes part only in secure aggregation over enough sites",
+    ),
+    ERR_DELTA_REQUIRED: (
+        4113,
+        "this site has no privacy-delta in its node config; it trains nothing",
+    ),
     ERR_SIGNATURE: (4106, "the instruction is not signed by the coordinator this site trusts"),
     ERR_RELEASE_MISMATCH: (
         4107,

@@ -49,7 +49,8 @@ RELEASES: tuple[Release, ...] = (
     ),
     Release(
         "evaluation accuracy and loss",
-        "at most once per round the site trained, one adapter (its ledger records it)",
+        "at most once per round the site trained, for one adapter and one set of settings "
+        "(its ledger records the evaluation's binding)",
         "secure aggregation on: only inside a secure sum of the evaluating sites; off: per "
         "site, with the held-out count. Not DP",
     ),
@@ -100,12 +101,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "`privacy-delta`",
         "site",
-        "caps `privacy.delta`; a ledger keeps its δ for life; δ above 1/N is refused",
+        "required on a deployed site, which accounts at it (the run's `privacy.delta` applies "
+        "to simulations only); a ledger keeps its δ for life; δ above 1/N is refused",
+    ),
+    Setting(
+        "`eval-fraction`, `eval-max-examples`",
+        "site",
+        "a deployed site's held-out split (default 0.2, 200), the same in every run; the run's "
+        "`data.test_fraction` / `data.max_eval_examples` apply to simulations only",
     ),
     Setting(
         "`coordinator-public-key`",
         "site",
         "train and evaluate only for instructions this coordinator signed",
+    ),
+    Setting(
+        "`secagg-required`, `secagg-min-sites`",
+        "site",
+        "refuse runs without secure aggregation, and secure rounds whose threshold is below "
+        "the minimum (default: any)",
     ),
     Setting(
         "`data-path`, `device`, `lora-rank`",

@@ -53,6 +53,7 @@ def _grid(
             K.NODE_DATA_PATH: str(csv),
             K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
             K.NODE_EPSILON_MAX: 100.0,  # a deployed site must set one; high: the run's ε applies
+            K.NODE_DELTA: 1e-5,  # a deployed site's own δ
             **(extra or {}).get(node, {}),
         }
     return InProcessGrid(make_client_app(config), node_configs, run_id=run_id)
@@ -207,7 +208,11 @@ def test_a_round_with_other_inputs_is_charged_again(tmp_path: Path) -> None:
     from fedpeft.client.privacy import site_privacy
 
     config = _config(tmp_path, "privacy.noise_multiplier=1.0")
-    node = {K.NODE_LEDGER_PATH: str(tmp_path / "ledger.json"), K.NODE_EPSILON_MAX: 100.0}
+    node = {
+        K.NODE_LEDGER_PATH: str(tmp_path / "ledger.json"),
+        K.NODE_EPSILON_MAX: 100.0,
+        K.NODE_DELTA: 1e-5,
+    }
     plan = site_privacy(config, node, site_name="s", num_train=51, run_id="fed")
     plan.charge(run_id="fed", round_number=1, binding="a" * 64)
     plan.charge(run_id="fed", round_number=1, binding="a" * 64)  # a retry: charged once

@@ -63,6 +63,7 @@ def test_strategy_runs_under_dp_and_secure_aggregation(tmp_path: Path, strategy:
             K.NODE_DATA_PATH: str(write_classification_csv(tmp_path / f"s{n}.csv", n=48, seed=n)),
             K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{n}.json"),
             K.NODE_EPSILON_MAX: 100.0,  # required at a deployed site; the run's ε applies
+            K.NODE_DELTA: 1e-5,  # and its own δ
         }
         for n in NODES
     }

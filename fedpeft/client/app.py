@@ -174,7 +174,7 @@ class LocalUpdate:
     rounding_seed: int = 0
 
 
-def local_update(msg: Message, site: Site) -> LocalUpdate:
+def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     """Train on the site's data as the train instruction ``msg`` asks; return the delta.
 
     With ``privacy.enabled`` the release is first bound and charged to the site's privacy
@@ -184,6 +184,11 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
     repeats the same release and is charged once; any change of input is charged again with
     fresh randomness. The digest of the delta is recorded in the ledger before it is sent; a
     retry that comes out different is withheld (``ReleaseMismatchError``).
+
+    ``session`` (secure aggregation) identifies the secure session the update is masked in
+    and enters the binding: the same instruction in another session — another group of
+    sites, whose sums could be subtracted — is another release, charged again with fresh
+    noise. So under secure aggregation a round retried after a server crash is charged again.
 
     A site of rank ``r_i < lora.r`` trains the leading block of the global factors and pads
     its delta with zeros to the global trained layout (:mod:`fedpeft.ranks`); it reports its
@@ -215,7 +220,10 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
         task=K.TASK_TRAIN,
         adapter_sha256=adapter_digest(global_flat.tobytes()),
         trained_names=trained_names,
-        settings=release_settings(site, privacy.settings() if privacy is not None else None),
+        settings={
+            **release_settings(site, privacy.settings() if privacy is not None else None),
+            "secagg_session": session,
+        },
     )
     noise_key = None
     seed = config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode())
@@ -263,13 +271,16 @@ def local_update(msg: Message, site: Site) -> LocalUpdate:
     )
 
 
-def _evaluate(msg: Message, site: Site) -> tuple[EvalResult, str]:
+def _evaluate(msg: Message, site: Site, *, session: str = "") -> tuple[EvalResult, str]:
     """Evaluate the instruction's adapter on the held-out split, within the site's bound;
     return the figures and the adapter's digest.
 
-    Under DP the site evaluates only a round it was charged for, and one adapter per round
+    Under DP the site evaluates only a round it was charged for, and once per round
     (recorded in its ledger before evaluating): held-out figures are not DP, so they are
-    bounded by the rounds the site trained.
+    bounded by the rounds the site trained. What is recorded is the *evaluation binding* —
+    the adapter and every setting that shapes the figures — so the same round asked again
+    with another adapter *or* other settings (the eval cap, the model's length, …) is refused,
+    and an identical retry repeats the identical figures.
     """
     from fedpeft.client.privacy import site_privacy
     from fedpeft.client.train import evaluate_local
@@ -287,7 +298,16 @@ def _evaluate(msg: Message, site: Site) -> tuple[EvalResult, str]:
             num_train=site.data.num_train,
             run_id=run_id,
         )
-        privacy.ledger.record_evaluation(run_id=run_id, round=round_number, adapter=digest)
+        evaluation = release_binding(
+            federation_id=run_id,
+            round_number=round_number,
+            task=K.TASK_EVALUATE,
+            adapter_sha256=digest,
+            trained_names=(),
+            # a second secure session for the round is a second evaluation: refused
+            settings={**release_settings(site, None), "secagg_session": session},
+        )
+        privacy.ledger.record_evaluation(run_id=run_id, round=round_number, adapter=evaluation)
     result = evaluate_local(
         site.loaded,
         site.data.test,
@@ -298,7 +318,7 @@ def _evaluate(msg: Message, site: Site) -> tuple[EvalResult, str]:
     return result, digest
 
 
-def secure_evaluation(msg: Message, site: Site) -> LocalUpdate:
+def secure_evaluation(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     """The held-out figures as the three elements a secure evaluation sums.
 
     ``(c · accuracy, c · min(loss, cap) / cap, c)`` with ``c = secagg.clip_range`` and
@@ -306,7 +326,7 @@ def secure_evaluation(msg: Message, site: Site) -> LocalUpdate:
     quantisation keeps it, and the server learns only the sums — the mean accuracy and loss
     over the sites that evaluated, and how many did.
     """
-    result, digest = _evaluate(msg, site)
+    result, digest = _evaluate(msg, site, session=session)
     c = float(site.config.secagg.clip_range)
     if result.num_examples == 0 or not (
         math.isfinite(result.loss) and math.isfinite(result.accuracy)
@@ -445,7 +465,7 @@ def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
             lambda m, site: secure.handle_masked(
                 m,
                 context,
-                train=lambda: work(m, site),
+                train=lambda session: work(m, site, session=session),
                 rank_slots=task == K.TASK_TRAIN and site.config.secagg.mixed_ranks,
             ),
             task=task,

@@ -8,8 +8,10 @@ it:
   ignored) and the ceiling ``privacy-epsilon-max`` (required); the ceiling actually used is
   the lower of it and the coordinator's ``privacy.epsilon``;
 - a run with DP off is refused unless the node config says ``privacy-required=false``;
-- δ is the ledger's own once it exists; a new ledger takes the lower of the federation's
-  ``privacy.delta`` and the node's ``privacy-delta``; a δ above ``1/N`` is refused.
+- δ is the node's ``privacy-delta`` (required): the run's ``privacy.delta`` is not read at
+  a deployed site, so the coordinator can neither fix a ledger's δ nor scan δ against
+  ``1/N`` (a refusal that depends on its value would reveal N); a node δ above ``1/N`` is
+  refused whatever the run asks.
 
 In a simulation the virtual sites keep their ledgers in ``privacy.ledger_dir`` and take the
 coordinator's ε as their ceiling (the researcher is both sides).
@@ -232,7 +234,18 @@ def site_privacy(
     rules = site_rules(node_config)
     require_privacy(config, rules)
     path = ledger_path(config, rules, site_name)
-    key = repr((run_id, str(path), config.privacy, config.train, config.federation.rounds, rules))
+    # the rules' δ, ceiling and ledger, not their key object (a fresh object at every load)
+    key = repr(
+        (
+            run_id,
+            str(path),
+            config.privacy,
+            config.train,
+            config.federation.rounds,
+            (rules.deployed, rules.epsilon_max, rules.delta),
+            num_train,
+        )
+    )
     if key in _PLANS:
         return _PLANS[key]
     ceiling = (
@@ -240,17 +253,20 @@ def site_privacy(
         if rules.epsilon_max is None
         else min(rules.epsilon_max, config.privacy.epsilon)
     )
-    # δ: fixed for the ledger's life; a new ledger takes the lowest δ anyone asked for. Only
-    # when neither side set one (plain aggregation only, see fedpeft.config) does δ depend on N.
-    asked = [d for d in (config.privacy.delta, rules.delta) if d is not None]
+    # δ: fixed for the ledger's life. A deployed site's is its own (require_privacy insists);
+    # a simulation partition takes the lowest δ asked for, and only when neither side set one
+    # (plain aggregation only, see fedpeft.config) does δ depend on N.
+    if rules.deployed:
+        asked = [d for d in (rules.delta,) if d is not None]
+    else:
+        asked = [d for d in (config.privacy.delta, rules.delta) if d is not None]
     delta = _stored_delta(path) or (min(asked) if asked else 1.0 / (10 * num_train))
     if delta > 1.0 / num_train:
         raise SiteRefusal(
             K.ERR_DELTA,
             f"δ={delta:g} exceeds 1/N = {1.0 / num_train:g} for this site's {num_train} "
             "training examples: with such a δ the guarantee allows releasing an example "
-            "outright. Ask the coordinator for a smaller privacy.delta, or set node config "
-            f"{K.NODE_DELTA}.",
+            f"outright. Lower the node config {K.NODE_DELTA} (a simulation: privacy.delta).",
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     ledger = PrivacyLedger(path, delta=delta, accountant=config.privacy.accountant)

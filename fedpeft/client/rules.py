@@ -63,11 +63,17 @@ class SiteRules:
     epsilon_max : float or None
         ``privacy-epsilon-max``.
     delta : float or None
-        ``privacy-delta``: caps the federation's δ.
+        ``privacy-delta``: the δ of a deployed site (required there); the run's
+        ``privacy.delta`` applies to simulation partitions only.
     privacy_required : bool
         ``privacy-required`` (default true): refuse runs with DP off.
     coordinator_key : Ed25519PublicKey or None
         ``coordinator-public-key``: train and evaluate only for instructions it signed.
+    secagg_required : bool
+        ``secagg-required`` (default false): refuse runs without secure aggregation.
+    secagg_min_sites : int or None
+        ``secagg-min-sites``: refuse a secure round whose threshold (the fewest shares, so
+        the fewest sites, a released sum can rest on) is below it.
     """
 
     deployed: bool
@@ -76,6 +82,8 @@ class SiteRules:
     delta: float | None
     privacy_required: bool
     coordinator_key: Ed25519PublicKey | None
+    secagg_required: bool = False
+    secagg_min_sites: int | None = None
 
 
 def site_rules(node_config: Mapping[str, object]) -> SiteRules:
@@ -89,13 +97,34 @@ def site_rules(node_config: Mapping[str, object]) -> SiteRules:
         delta=_float_setting(node_config, K.NODE_DELTA),
         privacy_required=_bool_setting(node_config, K.NODE_PRIVACY_REQUIRED, default=True),
         coordinator_key=load_public_key(Path(str(key_path)).expanduser()) if key_path else None,
+        secagg_required=_bool_setting(node_config, K.NODE_SECAGG_REQUIRED, default=False),
+        secagg_min_sites=_int_setting(node_config, K.NODE_SECAGG_MIN_SITES),
     )
+
+
+def _int_setting(node_config: Mapping[str, object], key: str) -> int | None:
+    if key not in node_config:
+        return None
+    value = node_config[key]
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ConfigError(f"node config {key}={value!r} is not an integer") from None
+    if number < 2:
+        raise ConfigError(f"node config {key}={value!r} must be an integer >= 2")
+    return number
 
 
 def require_privacy(config: FedPeftConfig, rules: SiteRules) -> None:
     """Refuse (before any work) a run whose privacy this deployed site does not accept."""
     if not rules.deployed:
         return
+    if rules.secagg_required and not config.secagg.enabled:
+        raise SiteRefusal(
+            K.ERR_SECAGG_REQUIRED,
+            f"the run has secagg.enabled=false and this site's node config says "
+            f"{K.NODE_SECAGG_REQUIRED}=true; refused (nothing trained or evaluated)",
+        )
     if not config.privacy.enabled:
         if rules.privacy_required:
             raise SiteRefusal(
@@ -117,4 +146,12 @@ def require_privacy(config: FedPeftConfig, rules: SiteRules) -> None:
             K.ERR_CEILING_REQUIRED,
             f"this site's node config has no {K.NODE_EPSILON_MAX}: a deployed site sets its "
             f'own ε ceiling, e.g. --node-config "{K.NODE_EPSILON_MAX}=8.0 ..."',
+        )
+    if rules.delta is None:
+        raise SiteRefusal(
+            K.ERR_DELTA_REQUIRED,
+            f"this site's node config has no {K.NODE_DELTA}: a deployed site sets its own δ "
+            f'(below 1/N for its N examples), e.g. --node-config "{K.NODE_DELTA}=1e-5 ..."; '
+            "the run's privacy.delta is not used at a deployed site (the coordinator could "
+            "otherwise scan it against 1/N, or fix the ledger's δ for life)",
         )

@@ -42,7 +42,8 @@ from flwr.app import (
 )
 
 from fedpeft import constants as K
-from fedpeft.client.errors import error_reply
+from fedpeft.client.errors import SiteRefusal, error_reply
+from fedpeft.client.rules import site_rules
 from fedpeft.privacy.secagg import (
     EncryptedShares,
     MaskedVectorRequest,
@@ -107,6 +108,13 @@ def _reply(message: Reply) -> RecordDict:
 def handle_setup(msg: Message, context: Context) -> RecordDict:
     """Stage setup: start a new round (replacing any unfinished one); answer public keys."""
     request = _request(SetupRequest, msg)
+    floor = site_rules(context.node_config).secagg_min_sites
+    if floor is not None and request.threshold < floor:
+        raise SiteRefusal(
+            K.ERR_SECAGG_REQUIRED,
+            f"secure round with threshold {request.threshold}: a sum could rest on fewer than "
+            f"this site's {K.NODE_SECAGG_MIN_SITES}={floor} sites; refused",
+        )
     client = SecAggClient(node_id=int(context.node_id))
     reply = client.setup(request)
     _save(context, client)
@@ -125,7 +133,7 @@ def handle_masked(
     msg: Message,
     context: Context,
     *,
-    train: Callable[[], LocalUpdate],
+    train: Callable[[str], LocalUpdate],
     rank_slots: bool = False,
 ) -> RecordDict:
     """Stage masked: check the request, train (``train()``), answer the masked delta.
@@ -138,8 +146,11 @@ def handle_masked(
     context : Context
         The site's context; its state holds the round's :class:`SecAggClient`.
     train : callable
-        Runs the local training of this request and returns its ``LocalUpdate``; called only
-        once the request is known to belong to the round in progress.
+        ``train(session)`` runs the local work of this request and returns its
+        ``LocalUpdate``; called only once the request is known to belong to the round in
+        progress. ``session`` (:attr:`SecAggClient.session_id`) is fresh in every secure
+        session: it enters the release's binding, so the same instruction masked in another
+        session (another group of sites) is another release with fresh noise.
     rank_slots : bool, default False
         Append the update's rank-slot indicators to the masked vector (``secagg.mixed_ranks``;
         the server's vector length then includes them).
@@ -147,7 +158,7 @@ def handle_masked(
     client = _load(context)
     request = _request(MaskedVectorRequest, msg)
     client.check_request(request)
-    update = train()
+    update = train(client.session_id)
     vector = np.concatenate([update.delta, update.rank_slots]) if rank_slots else update.delta
     masked = client.collect_masked_vectors(
         request, update=vector, rng=np.random.default_rng(update.rounding_seed)

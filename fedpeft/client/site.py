@@ -86,6 +86,30 @@ def _raw_site_table(
     return f"site {partition_id}", partition
 
 
+def held_out_split(
+    config: FedPeftConfig, node_config: Mapping[str, object]
+) -> tuple[float, int | None, int]:
+    """``(test_fraction, max_test, seed)`` of the site's train / held-out split.
+
+    A simulation partition uses the run's ``data.test_fraction``, ``data.max_eval_examples``
+    and ``seed``. A deployed site uses its own node config (``eval-fraction``,
+    ``eval-max-examples``) and a fixed seed, so its held-out examples are the same in every
+    run: a coordinator cannot move examples a site trained on into the set it evaluates, nor
+    shrink that set to a handful of examples.
+    """
+    if K.NODE_PARTITION_ID in node_config:
+        return config.data.test_fraction, config.data.max_eval_examples, config.seed
+    fraction = float(str(node_config.get(K.NODE_EVAL_FRACTION, K.DEFAULT_EVAL_FRACTION)))
+    cap = int(str(node_config.get(K.NODE_EVAL_MAX, K.DEFAULT_EVAL_MAX)))
+    if not 0.0 < fraction < 1.0 or cap < 1:
+        raise ConfigError(
+            f"node config {K.NODE_EVAL_FRACTION}={fraction!r} / {K.NODE_EVAL_MAX}={cap!r}: the "
+            "fraction must be in (0, 1) and the cap >= 1 (defaults "
+            f"{K.DEFAULT_EVAL_FRACTION} and {K.DEFAULT_EVAL_MAX})"
+        )
+    return fraction, cap, 0
+
+
 def site_rank(config: FedPeftConfig, node_config: Mapping[str, object]) -> int:
     """The LoRA rank this site trains: node config ``lora-rank``, by default ``lora.r``.
 
@@ -121,12 +145,9 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
     device = resolve_device(device_name)
     rank = site_rank(config, node_config)
     name, table = _raw_site_table(config, node_config)
+    test_fraction, max_test, split_seed = held_out_split(config, node_config)
     train_table, test_table = split_site(
-        table,
-        test_fraction=config.data.test_fraction,
-        max_test=config.data.max_eval_examples,
-        seed=config.seed,
-        source=name,
+        table, test_fraction=test_fraction, max_test=max_test, seed=split_seed, source=name
     )
     loaded = cached_model(
         config.model, site_lora(config.lora, rank), seed=config.seed, device=device

@@ -568,6 +568,15 @@ class DPSession:
         - empty batch (``per_example_losses.numel() == 0``): Poisson sampling can draw no
           example at all. Skip the forward pass and pass ``torch.empty(0)``; the following
           step then applies noise only, as the privacy analysis assumes.
+        - non-finite examples (``hooks`` / ``functorch``): an example whose loss or
+          per-example gradient is not finite contributes a zero gradient, and the step goes
+          on. Raising instead would be a release outside the noise: a crafted adapter can
+          make exactly the examples of one kind overflow, and "the site failed" would then
+          say whether such an example is in the batch. Zeroing one example's contribution
+          changes the clipped sum by at most C, as its absence would, so the guarantee holds.
+          In ``ghost`` mode per-example gradients are never materialised, so a non-finite
+          loss still raises there (a known leak of one bit per such round: prefer ``hooks``,
+          the default, against an untrusted coordinator).
 
         Parameters
         ----------
@@ -584,7 +593,8 @@ class DPSession:
         ------
         PrivacyError
             If the session is closed, a backward was already done for this step, or the
-            losses are not ``(B,)``, do not require grad or are not finite.
+            losses are not ``(B,)`` or do not require grad; in ``ghost`` mode also if a loss
+            is not finite.
         """
         if self._closed:
             raise PrivacyError("DPSession.backward called after close(); call make_private again.")
@@ -609,22 +619,27 @@ class DPSession:
                 "output in training mode, outside torch.no_grad()."
             )
         finite = torch.isfinite(per_example_losses.detach())
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise PrivacyError(
-                f"{bad} of {per_example_losses.numel()} per-example losses are not finite; "
-                "their gradients would poison the clipped sum. Lower the learning rate or check "
-                "the inputs."
-            )
         if self.grad_sample_mode == "ghost":
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise PrivacyError(
+                    f"{bad} of {per_example_losses.numel()} per-example losses are not finite; "
+                    "ghost clipping cannot leave them out of the clipped sum. Use "
+                    "grad_sample_mode='hooks', lower the learning rate or check the inputs."
+                )
             DPTensorFastGradientClipping(
                 self._hooks, self.optimizer, per_example_losses, self.loss_reduction
             ).backward()
         else:
+            # A non-finite example backpropagates a zero loss gradient (its upstream
+            # gradients may still be NaN: 0 · inf); its per-example rows are zeroed below.
+            safe = torch.where(finite, per_example_losses, torch.zeros_like(per_example_losses))
             # torch.autograd.backward: Tensor.backward is untyped in torch 2.13
-            torch.autograd.backward(batch_loss(per_example_losses, self.loss_reduction))
+            torch.autograd.backward(batch_loss(safe, self.loss_reduction))
+            self._zero_non_finite_examples(~finite)
         self._backward_done = True
-        return batch_loss(per_example_losses.detach(), self.loss_reduction)
+        kept = per_example_losses.detach()[finite]
+        return batch_loss(kept, self.loss_reduction) if kept.numel() else kept.sum()
 
     def close(self) -> None:
         """Remove every Opacus hook and attribute from the model (idempotent).
@@ -648,6 +663,23 @@ class DPSession:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _zero_non_finite_examples(self, bad: torch.Tensor) -> None:
+        """Zero, in every parameter, the per-example gradients of examples in ``bad`` ``(B,)``
+        and of every example whose per-example gradient is not finite anywhere."""
+        samples = [
+            p.grad_sample  # type: ignore[attr-defined]
+            for p in self._params
+            if isinstance(getattr(p, "grad_sample", None), torch.Tensor)
+        ]
+        if not samples:
+            return
+        bad = bad.to(samples[0].device).clone()
+        for grad_sample in samples:  # (B, *shape)
+            bad |= ~torch.isfinite(grad_sample.reshape(grad_sample.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            for grad_sample in samples:
+                grad_sample[bad] = 0
 
     def _prepare_empty_step(self) -> None:
         """Gradient state for a batch with no examples: the step adds noise to zero."""

@@ -72,9 +72,7 @@ _V1_ENTRY_FIELDS: Final[frozenset[str]] = frozenset(
     {"run_id", "round", "noise_multiplier", "sample_rate", "steps", "recorded_at"}
 )
 _ENTRY_FIELDS: Final[frozenset[str]] = _V1_ENTRY_FIELDS | {"binding", "release"}
-_EVALUATION_FIELDS: Final[frozenset[str]] = frozenset(
-    {"run_id", "round", "adapter", "recorded_at"}
-)
+_EVALUATION_FIELDS: Final[frozenset[str]] = frozenset({"run_id", "round", "adapter", "recorded_at"})
 _DO_NOT_DELETE: Final[str] = (
     "Do not delete or reset it: that would erase the privacy budget this site has spent. "
     "Restore it from a backup, or repair it by hand."
@@ -131,7 +129,7 @@ class EvaluationEntry:
 
     run_id: str
     round: int
-    adapter: str  # SHA-256 of the evaluated adapter
+    adapter: str  # the evaluation's binding: the adapter's digest and every setting used
     recorded_at: str
 
 

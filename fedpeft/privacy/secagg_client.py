@@ -9,6 +9,7 @@ in :mod:`fedpeft.privacy.secagg_messages`; the protocol is described in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Mapping
@@ -104,6 +105,15 @@ class SecAggClient:
             round_id=request.round_id if stage is Stage.SETUP else self._round_id,
             node_id=self.node_id,
         )
+
+    @property
+    def session_id(self) -> str:
+        """This node's identity of the round in progress: SHA-256 of the round id and its own
+        mask public key, fresh at every setup (hex). Empty before setup and after the end."""
+        if not self._mask_sk:
+            return ""
+        public = masking.public_key_bytes(masking.load_private_key(self._mask_sk))
+        return hashlib.sha256(self._round_id.to_bytes(8, "big") + public).hexdigest()
 
     def check_request(self, request: RequestMessage) -> None:
         """Raise :class:`SecAggProtocolError` unless ``request`` is the one expected next.

@@ -71,6 +71,7 @@ def _node(tmp_path: Path, **extra: Any) -> dict[str, Any]:
         K.NODE_DATA_PATH: str(csv),
         K.NODE_LEDGER_PATH: str(tmp_path / "ledger.json"),
         K.NODE_EPSILON_MAX: 8.0,
+        K.NODE_DELTA: 1e-5,
     }
     node.update(extra)
     return {k: v for k, v in node.items() if v is not None}
@@ -282,7 +283,8 @@ def test_a_retry_that_comes_out_different_is_withheld(tmp_path: Path) -> None:
         ),
         ((), {K.NODE_EPSILON_MAX: None}, K.ERR_CEILING_REQUIRED),
         (("privacy.enabled=false",), {}, K.ERR_DP_REQUIRED),
-        (("privacy.delta=0.5",), {}, K.ERR_DELTA),
+        ((), {K.NODE_DELTA: None}, K.ERR_DELTA_REQUIRED),
+        ((), {K.NODE_DELTA: 0.5}, K.ERR_DELTA),
     ],
 )
 def test_a_deployed_site_refuses_what_its_node_config_does_not_allow(
@@ -414,14 +416,34 @@ def test_a_dp_train_reply_carries_the_delta_and_public_parameters_only(tmp_path:
     assert K.MET_TRAIN_LOSS not in metrics
 
 
-def test_error_replies_carry_no_data_dependent_text(tmp_path: Path) -> None:
-    """A crafted adapter that makes every loss infinite: the site says only 'failed'."""
-    config = _config(tmp_path, "seed=7")  # its own cached model: the crafted head stays in it
+def test_an_overflowing_example_does_not_make_the_site_fail(tmp_path: Path) -> None:
+    """The membership bit of a crafted head: bias (+3e38, −3e38), weight 0, makes the loss
+    0 for label 0 and infinite for label 1. If the site failed on an infinite loss, its reply
+    would say whether a label-1 example was in a batch, outside any noise. It must not: the
+    reply is a normal noisy update whether or not the site holds such an example."""
+    import csv
+
+    config = _config(tmp_path, "seed=7", "privacy.noise_multiplier=1.0")  # own cached model
     coordinator = Coordinator(config)
     crafted = coordinator.start.copy()
-    crafted[-66:] = 3e38  # the head: logits overflow, per-example losses are not finite
-    reply = _send(config, _node(tmp_path), coordinator.train(crafted))
-    assert reply.has_error() and reply.error.reason == _fixed(K.ERR_SITE_FAILED)
+    crafted[-66:-2] = 0.0  # head weight
+    crafted[-2:] = (3e38, -3e38)  # head bias
+    kinds = {}
+    for name, label_one in (("without", 0), ("with", 40)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [("good movie", 0)] * 64 + [("bad movie", 1)] * label_one
+        with (folder / "site.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
+        node = _node(folder, **{K.NODE_EPSILON_MAX: 100.0})
+        replies = [_send(config, node, coordinator.train(crafted, round_number=r)) for r in (1, 2)]
+        kinds[name] = [reply.has_error() for reply in replies]
+        for reply in replies:
+            assert not reply.has_error(), reply.error.reason
+            assert np.isfinite(_delta(reply)[:-66]).all()  # the LoRA factors moved by noise only
+    assert kinds["with"] == kinds["without"]
 
 
 def test_under_secure_aggregation_nothing_a_site_sends_reveals_its_size(tmp_path: Path) -> None:
@@ -438,6 +460,7 @@ def test_under_secure_aggregation_nothing_a_site_sends_reveals_its_size(tmp_path
             K.NODE_DATA_PATH: str(csv),
             K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
             K.NODE_EPSILON_MAX: 8.0,
+            K.NODE_DELTA: 1e-5,
         }
     grid = InProcessGrid(make_client_app(config), nodes)
     Federation(grid, config, RunDir(tmp_path / "run"), Progress()).run()
@@ -472,6 +495,7 @@ def test_a_signed_federation_trains_and_an_unsigned_one_costs_nothing(
             K.NODE_DATA_PATH: str(csv),
             K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
             K.NODE_EPSILON_MAX: 8.0,
+            K.NODE_DELTA: 1e-5,
             K.NODE_COORDINATOR_PUBLIC_KEY: str(keys["trusted.pub"]),
         }
 
@@ -497,3 +521,101 @@ def test_a_signed_federation_trains_and_an_unsigned_one_costs_nothing(
         assert not row["updated"] and row["sites_failed"] == 3 and row["eval_sites"] == 0
         assert set(row["failures"].values()) == {_fixed(K.ERR_SIGNATURE)}
         assert ledgers() == before  # nothing charged, nothing evaluated
+
+
+def test_changed_evaluation_settings_are_a_second_evaluation_and_refused(tmp_path: Path) -> None:
+    """One charged round, one adapter: asking again with another eval cap or model length (to
+    isolate single held-out examples) is refused like another adapter."""
+    config = _config(tmp_path)
+    node = _node(tmp_path)
+    coordinator = Coordinator(config)
+    _delta(_send(config, node, coordinator.train()))
+    assert not _send(config, node, coordinator.evaluate(coordinator.start)).has_error()
+    for change in ("data.max_eval_examples=1", "model.max_length=16", "seed=5"):
+        other = _config(tmp_path, change)
+        reply = _send(other, node, Coordinator(other).evaluate(Coordinator(other).start))
+        assert reply.error.reason == _fixed(K.ERR_EVALUATION_REFUSED), change
+
+
+def test_a_deployed_sites_held_out_split_is_its_own(tmp_path: Path) -> None:
+    """The coordinator's data.test_fraction / max_eval_examples / seed do not move a deployed
+    site's examples between training and evaluation; a simulation partition's split is the
+    run's."""
+    from fedpeft.client.site import held_out_split
+
+    node = _node(tmp_path)
+    for overrides in ((), ("data.test_fraction=0.9", "data.max_eval_examples=1", "seed=3")):
+        config = _config(tmp_path, *overrides)
+        assert held_out_split(config, node) == (K.DEFAULT_EVAL_FRACTION, K.DEFAULT_EVAL_MAX, 0)
+    config = _config(tmp_path, "data.test_fraction=0.5", "seed=3")
+    partition = {K.NODE_PARTITION_ID: 0, K.NODE_NUM_PARTITIONS: 2}
+    assert held_out_split(config, partition) == (0.5, config.data.max_eval_examples, 3)
+
+
+def test_the_same_instruction_in_another_secure_session_is_another_release(
+    tmp_path: Path,
+) -> None:
+    """Masked in two sessions (two groups of sites), one instruction would let sums be
+    subtracted to isolate one site; each session is therefore a fresh release and charge."""
+    from fedpeft.server.aggregation import RoundRequest as Request
+    from fedpeft.server.secure_aggregation import SecureAggregation
+
+    config = _config(
+        tmp_path, "secagg.enabled=true", "federation.rounds=1", "privacy.noise_multiplier=1.0"
+    )
+    nodes = {}
+    for node in (11, 22, 33):
+        csv = write_classification_csv(tmp_path / f"site{node}.csv", n=64, seed=node)
+        nodes[node] = {
+            K.NODE_DATA_PATH: str(csv),
+            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
+            K.NODE_EPSILON_MAX: 100.0,
+            K.NODE_DELTA: 1e-5,
+        }
+    coordinator = Coordinator(config)
+    grid = InProcessGrid(make_client_app(config), nodes)
+    for group in ((11, 22), (11, 33)):
+        request = Request(
+            round_number=1,
+            nodes=list(group),
+            global_flat=coordinator.start,
+            trained=coordinator.trained,
+            min_sites=2,
+            timeout=60.0,
+            federation_id=FEDERATION,
+            broadcast=encode(coordinator.start, coordinator.layout, seed=config.seed),
+        )
+        assert SecureAggregation(config.secagg).run_round(grid, request).mean_delta is not None
+    entries = json.loads((tmp_path / "ledger11.json").read_text())["entries"]
+    assert len(entries) == 2 and entries[0]["binding"] != entries[1]["binding"]
+    assert entries[0]["release"] != entries[1]["release"]  # fresh noise, not the same update
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_plain_runs_and_small_sums(
+    tmp_path: Path,
+) -> None:
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedpeft.privacy.secagg import SecAggServer
+    from fedpeft.privacy.secagg_wire import encode as wire
+
+    node = _node(tmp_path, **{K.NODE_SECAGG_REQUIRED: "true", K.NODE_SECAGG_MIN_SITES: 3})
+    plain = _config(tmp_path)  # secagg.enabled=false: the coordinator switched it off
+    coordinator = Coordinator(plain)
+    for message in (coordinator.train(), coordinator.evaluate(coordinator.start)):
+        assert _send(plain, node, message).error.reason == _fixed(K.ERR_SECAGG_REQUIRED)
+    assert not (tmp_path / "ledger.json").exists()
+
+    secure = _config(tmp_path, "secagg.enabled=true")
+    for sites, threshold in (((NODE, 8), 2), ((NODE, 8, 9, 10), 3)):
+        server = SecAggServer(
+            round_id=5, node_ids=list(sites), vector_length=4, clip=1.0, threshold=threshold
+        )
+        request = server.setup()[NODE]
+        content = RecordDict({K.SECAGG: ConfigRecord(dict(wire(request).fields))})
+        message = Message(content=content, dst_node_id=NODE, message_type=f"train.{K.SECAGG_SETUP}")
+        reply = _send(secure, node, message)
+        if threshold < 3:  # a sum could rest on 2 sites: below the site's floor
+            assert reply.error.reason == _fixed(K.ERR_SECAGG_REQUIRED)
+        else:
+            assert not reply.has_error()

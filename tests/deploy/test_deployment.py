@@ -62,7 +62,7 @@ def _start_sites(
         dep.start_site(
             site,
             worker_command=(workers or {}).get(site.name),
-            **{"privacy-epsilon-max": 8.0, "device": "auto"},
+            **{"privacy-epsilon-max": 8.0, "privacy-delta": 1e-5, "device": "auto"},
         )
     dep.wait_online(len(SITES), timeout=120)
     return sites
@@ -200,6 +200,7 @@ def _uncrashed_reference(
             K.NODE_DATA_PATH: str(site.data),
             K.NODE_LEDGER_PATH: str(ledgers / site.ledger.name),
             K.NODE_EPSILON_MAX: 8.0,
+            K.NODE_DELTA: 1e-5,
             K.NODE_DEVICE: "auto",
         }
         for site in sites

@@ -360,6 +360,37 @@ def test_backward_rejects_bad_losses(tiny: SimpleNamespace) -> None:
         session.backward(losses.mean())
     with pytest.raises(PrivacyError, match="do not require grad"):
         session.backward(losses.detach())
+    session.close()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(
+    tiny: SimpleNamespace, mode: str
+) -> None:
+    """Raising would tell a coordinator whether an overflowing example is in the batch."""
+    model, batch = _model_and_batch(tiny, "bert")
+    clean = _private(model, _loader_over(batch), grad_sample_mode=mode)
+    clean.backward(tiny.losses_of(clean.module, batch))
+    rows = {n: p.grad_sample.detach().clone() for n, p in _trainable(model).items()}
+    clean.close()
+    session = _private(model, _loader_over(batch), grad_sample_mode=mode)
+    losses = tiny.losses_of(session.module, batch)
+    poison = torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0], dtype=losses.dtype)
+    logged = session.backward(losses * poison)
+    assert torch.isfinite(logged)
+    for name, p in _trainable(model).items():
+        assert torch.equal(p.grad_sample[1], torch.zeros_like(p.grad_sample[1]))
+        keep = [0, 2, 3, 4]
+        torch.testing.assert_close(p.grad_sample[keep], rows[name][keep])
+    session.optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in _trainable(model).values())
+    session.close()
+
+
+def test_ghost_mode_still_refuses_non_finite_losses(tiny: SimpleNamespace) -> None:
+    model, batch = _model_and_batch(tiny, "bert")
+    session = _private(model, _loader_over(batch), grad_sample_mode="ghost")
+    losses = tiny.losses_of(session.module, batch)
     with pytest.raises(PrivacyError, match="1 of 5 per-example losses are not finite"):
         session.backward(
             losses * torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0], dtype=losses.dtype)
