@@ -32,8 +32,8 @@ kinds (``kind``):
   orthogonal). The replacement happens after :meth:`DPSession.backward` has left Opacus'
   per-sample gradients in ``p.grad_sample`` and before ``optimizer.step()`` clips, sums and
   noises them. Training uses plain SGD (no momentum, no weight decay) at the configured
-  learning rates, so ``-Δθ_i · B / lr`` (B the session's expected batch size, the "mean"
-  divisor) is exactly the noisy clipped-gradient sum along canary i's direction: canary i's
+  learning rates, so ``-Δθ_i · B / lr`` (B the session's "mean" divisor, the loader's
+  batch_size) is exactly the noisy clipped-gradient sum along canary i's direction: canary i's
   clipped contribution each time it is sampled, plus the Gaussian noise and the real
   examples' gradients on that coordinate. That sum is its score. This is the strongest
   canary the threat model of DP-SGD allows (any per-example gradient of norm up to C, here
@@ -499,6 +499,7 @@ def run_audit(
         forward_losses,
         make_optimizer,
         prepare_trainable,
+        private_backward,
     )
     from fedpeft.model import build_model, get_flat, resolve_device
     from fedpeft.privacy import dp
@@ -552,7 +553,8 @@ def run_audit(
     dataset = _MarkedDataset(items)
 
     out.mkdir(parents=True, exist_ok=True)
-    run_id = f"audit-{uuid.uuid4().hex}"
+    # The run id enters every round's binding, so its noise key: fixed by a seed, else fresh.
+    run_id = f"audit-seed-{seed}" if seed is not None else f"audit-{uuid.uuid4().hex}"
     # q and δ from the real examples plus all m canaries: independent of which were included.
     plan = _plan(config, out / "ledger", num_train=len(real) + canaries, run_id=run_id, seed=seed)
     layout = loaded.layout
@@ -601,13 +603,16 @@ def run_audit(
                 for batch in session.data_loader:
                     if session.steps >= steps:
                         break
-                    if batch[0].shape[0] == 0:
-                        session.backward(torch.empty(0, device=device))
-                    else:
-                        losses, _ = forward_losses(loaded, session.module, batch[:3], device)
-                        session.backward(losses)
-                        if dirac is not None:
-                            dirac.inject(batch[3])
+                    _, kept = private_backward(
+                        session,
+                        batch,
+                        lambda b: forward_losses(
+                            loaded, session.module, (b[0], b[1], b[2]), device
+                        )[0],
+                        device=device,
+                    )
+                    if dirac is not None and kept[0].shape[0]:
+                        dirac.inject(kept[3])
                     session.optimizer.step()
                     session.optimizer.zero_grad()
             divisor = session.expected_batch_size

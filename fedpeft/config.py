@@ -102,6 +102,8 @@ class TrainConfig:
     """Local training at a site, per round."""
 
     local_steps: int = 5
+    # Without DP, the batch; under DP, the divisor of each step's noisy sum (the batch is
+    # Poisson, of mean privacy.sample_rate · N; dividing by that would reveal N).
     batch_size: int = 64
     eval_batch_size: int = 64
     lr: float = 2e-3
@@ -157,7 +159,9 @@ class PrivacyConfig:
     ``delta`` None means ``1 / (10 · N)`` for a site with N training examples (plain
     aggregation only: it would reveal N). A site's own ceiling (node config
     ``privacy-epsilon-max``) and δ (``privacy-delta``) always win over this target.
-    ``sample_rate`` is the Poisson rate q at every site (its expected batch is q·N); None
+    ``sample_rate`` is the Poisson rate q at every site (its expected batch is q·N; each
+    step's noisy sum is divided by ``train.batch_size``, never by q·N, so the noise in an
+    update does not reveal N either); None
     means ``1 / ceil(N / train.batch_size)`` (plain aggregation only: it would reveal N).
     ``ledger_dir`` (simulation only) is where the virtual sites keep their ledgers; a
     real site names its ledger file with the node config key ``ledger-path``.

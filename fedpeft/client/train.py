@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from fedpeft.config import TrainConfig
 from fedpeft.data import TokenizedDataset, collate
 from fedpeft.losses import per_example_loss
 from fedpeft.model import LoadedModel, get_flat, set_flat
+from fedpeft.privacy.errors import NonFiniteExamplesError
+
+if TYPE_CHECKING:
+    from fedpeft.privacy.dp import DPSession
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -160,6 +165,32 @@ class DPSettings:
     sample_rate: float | None = None
 
 
+def private_backward(
+    session: DPSession,
+    batch: Sequence[torch.Tensor],
+    losses_of: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    *,
+    device: torch.device,
+) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """``session.backward`` for one Poisson batch (tensors of equal first dimension).
+
+    ``losses_of(batch)`` runs the forward pass and returns the per-example losses. An empty
+    batch takes a noise-only step without a forward pass. In ghost mode, examples whose loss
+    or gradient norm is not finite are dropped and the rest run again
+    (:class:`~fedpeft.privacy.errors.NonFiniteExamplesError`), as ``hooks`` zeroes them:
+    either way the step goes on, and nothing says which examples were dropped. Returns the
+    logged batch loss and the examples the step used.
+    """
+    while True:
+        if batch[0].shape[0] == 0:
+            return session.backward(torch.empty(0, device=device)), batch
+        try:
+            return session.backward(losses_of(batch)), batch
+        except NonFiniteExamplesError as error:
+            keep = error.finite.to(batch[0].device)
+            batch = tuple(tensor[keep] for tensor in batch)
+
+
 def train_local(
     loaded: LoadedModel,
     dataset: TokenizedDataset,
@@ -227,11 +258,16 @@ def train_local(
                 for batch in session.data_loader:
                     if session.steps >= config.local_steps:
                         break
-                    if batch[0].shape[0] == 0:
-                        session.backward(torch.empty(0, device=device))
-                    else:
-                        per_example, _ = forward_losses(loaded, session.module, batch, device)
-                        losses.append(float(session.backward(per_example)))
+                    loss, kept = private_backward(
+                        session,
+                        batch,
+                        lambda b: forward_losses(
+                            loaded, session.module, (b[0], b[1], b[2]), device
+                        )[0],
+                        device=device,
+                    )
+                    if kept[0].shape[0]:
+                        losses.append(float(loss))
                     session.optimizer.step()
                     session.optimizer.zero_grad()
     delta = get_flat(model, trained_layout) - before

@@ -20,6 +20,10 @@ attached to the caller's model in place, so ``session.module`` *is* the peft mod
 - :meth:`DPSession.backward`, because in ``ghost`` mode a plain ``loss.backward()`` silently
   skips clipping; a step without it raises instead of updating;
 - a noise-only step for an empty Poisson batch, which many models cannot run forward;
+- a non-finite example drops out of its step (``hooks``/``functorch``: its per-example
+  gradient is zeroed; ``ghost``: the step is run again without it) instead of failing the
+  round, so a crafted adapter that overflows one kind of example learns nothing from
+  whether the site failed;
 - a cap on steps (the round's charge in the ledger) and a :meth:`DPSession.close` that also
   clears what Opacus' own ``cleanup`` leaves behind (``summed_grad``, captured activations);
 - noise and Poisson sampling from a cryptographically secure, keyed source, and an explicit
@@ -80,7 +84,6 @@ from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collat
 from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import IllegalModuleConfigurationError
 from torch import nn
@@ -91,6 +94,7 @@ from fedpeft.losses import Reduction, batch_loss
 from fedpeft.privacy.errors import (
     BudgetExceededError,
     DPCompatibilityError,
+    NonFiniteExamplesError,
     PrivacyConfigError,
     PrivacyError,
 )
@@ -98,7 +102,6 @@ from fedpeft.privacy.randomness import (
     KEY_BYTES,
     KeyedStream,
     PoissonBatchSampler,
-    floor_tolerant,
     new_session_key,
     session_streams,
 )
@@ -506,8 +509,9 @@ class DPSession:
     sample_rate : float
         Poisson sampling rate q, the figure to record in the ledger.
     expected_batch_size : int
-        Denominator of the averaged gradient when ``loss_reduction="mean"``:
-        ``max(1, floor(q * N))`` for N examples (see :func:`make_private`).
+        Denominator of the averaged gradient when ``loss_reduction="mean"``: the plain
+        loader's ``batch_size``, a public setting, never a count of the private data (see
+        :func:`make_private`).
     grad_sample_mode : {"hooks", "ghost", "functorch"}
     loss_reduction : {"mean", "sum"}
     max_steps : int or None
@@ -574,9 +578,11 @@ class DPSession:
           make exactly the examples of one kind overflow, and "the site failed" would then
           say whether such an example is in the batch. Zeroing one example's contribution
           changes the clipped sum by at most C, as its absence would, so the guarantee holds.
-          In ``ghost`` mode per-example gradients are never materialised, so a non-finite
-          loss still raises there (a known leak of one bit per such round: prefer ``hooks``,
-          the default, against an untrusted coordinator).
+          In ``ghost`` mode per-example gradients are never materialised and a non-finite
+          example would poison the whole sum, so the step is undone and
+          :class:`~fedpeft.privacy.errors.NonFiniteExamplesError` names the examples to
+          run again without it (:func:`fedpeft.client.train.private_backward`); the
+          result is the same.
 
         Parameters
         ----------
@@ -593,8 +599,10 @@ class DPSession:
         ------
         PrivacyError
             If the session is closed, a backward was already done for this step, or the
-            losses are not ``(B,)`` or do not require grad; in ``ghost`` mode also if a loss
-            is not finite.
+            losses are not ``(B,)`` or do not require grad.
+        NonFiniteExamplesError
+            In ``ghost`` mode, if an example's loss or gradient norm is not finite; nothing
+            was stepped: run the forward again on ``batch[error.finite]``.
         """
         if self._closed:
             raise PrivacyError("DPSession.backward called after close(); call make_private again.")
@@ -620,16 +628,7 @@ class DPSession:
             )
         finite = torch.isfinite(per_example_losses.detach())
         if self.grad_sample_mode == "ghost":
-            if not bool(finite.all()):
-                bad = int((~finite).sum())
-                raise PrivacyError(
-                    f"{bad} of {per_example_losses.numel()} per-example losses are not finite; "
-                    "ghost clipping cannot leave them out of the clipped sum. Use "
-                    "grad_sample_mode='hooks', lower the learning rate or check the inputs."
-                )
-            DPTensorFastGradientClipping(
-                self._hooks, self.optimizer, per_example_losses, self.loss_reduction
-            ).backward()
+            self._ghost_backward(per_example_losses, finite)
         else:
             # A non-finite example backpropagates a zero loss gradient (its upstream
             # gradients may still be NaN: 0 · inf); its per-example rows are zeroed below.
@@ -681,12 +680,42 @@ class DPSession:
             for grad_sample in samples:
                 grad_sample[bad] = 0
 
-    def _prepare_empty_step(self) -> None:
-        """Gradient state for a batch with no examples: the step adds noise to zero."""
-        for sub in self.module.modules():  # drop activations of an empty forward, if one ran
+    def _ghost_backward(self, losses: torch.Tensor, finite: torch.Tensor) -> None:
+        """Opacus' two ghost-clipping passes (``DPTensorFastGradientClipping.backward``), with
+        a check between them: an example whose loss or gradient norm is not finite would
+        poison the second pass (0 · inf through its activations), so the step is undone and
+        :class:`NonFiniteExamplesError` names the examples to run again."""
+        if not bool(finite.all()):
+            self._discard_forward()
+            raise NonFiniteExamplesError(finite)
+        torch.autograd.backward(batch_loss(losses, self.loss_reduction), retain_graph=True)
+        self.optimizer.zero_grad()
+        coefficients = self._hooks.get_clipping_coef()  # C / norm, at most 1
+        finite_norms = torch.isfinite(self._hooks.per_sample_gradient_norms)
+        if not bool(finite_norms.all()):
+            self.optimizer.zero_grad()
+            self._discard_forward()
+            raise NonFiniteExamplesError(finite_norms.to(finite.device))
+        self._hooks.disable_hooks()
+        try:
+            torch.autograd.backward(torch.sum(coefficients.to(losses.device) * losses))
+        finally:
+            self._hooks.enable_hooks()
+
+    def _discard_forward(self) -> None:
+        """Forget the activations Opacus' hooks kept from a forward pass not backpropagated,
+        and its count of forwards (ghost clipping takes a second one for parameter tying)."""
+        for sub in self.module.modules():
             for attr in ("activations", "max_batch_len"):
                 if attr in sub.__dict__:
                     delattr(sub, attr)
+        for p in self._params:
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
+
+    def _prepare_empty_step(self) -> None:
+        """Gradient state for a batch with no examples: the step adds noise to zero."""
+        self._discard_forward()  # drop activations of an empty forward, if one ran
         for p in self._params:
             if self.grad_sample_mode == "ghost":
                 p.grad = torch.zeros_like(p)  # the ghost optimizer noises p.grad directly
@@ -743,8 +772,9 @@ def make_private(
         Created *after* the model reached its final device, over exactly its trainable
         parameters. Its state (e.g. Adam moments) is kept.
     data_loader : torch.utils.data.DataLoader
-        A plain map-style loader over N examples; without ``sample_rate`` its ``batch_size``
-        becomes the expected Poisson batch size. Its ``generator`` (if any) now only seeds
+        A plain map-style loader over N examples. Its ``batch_size`` B divides each step's
+        noisy sum (``loss_reduction`` below) and, without ``sample_rate``, is the expected
+        Poisson batch size. Its ``generator`` (if any) now only seeds
         worker processes: the sampling is drawn from ``noise_key``.
     noise_multiplier : float
         σ >= 0, e.g. from :func:`fedpeft.privacy.calibration.calibrate_noise_multiplier`.
@@ -756,11 +786,14 @@ def make_private(
         every layer.
     loss_reduction : {"mean", "sum"}, default "mean"
         How :meth:`DPSession.backward` reduces the per-example losses; with "mean" the noisy
-        sum is divided by the expected batch size ``max(1, floor(q * N))`` (Opacus'
-        ``int(N * q)``, forgiving float rounding, see
-        :func:`~fedpeft.privacy.randomness.floor_tolerant`). Below ``q * N = 1`` it is
-        clamped to 1 rather than 0, which would divide by zero; the divisor is
-        post-processing of the noisy sum and does not enter the privacy analysis.
+        sum is divided by the plain loader's ``batch_size`` B. Opacus divides by
+        ``int(N * q)`` instead, but N is private under add/remove adjacency (the accounting
+        Poisson sampling uses): a divisor computed from N is not post-processing of the
+        noisy sum, and the noise's scale in the update, σ·C/⌊qN⌋, would tell whoever
+        receives it the site's N to within 1/q. B is a setting, the same whatever the data;
+        at q = 1/len(data_loader) it is about q·N, and with another ``sample_rate`` an update
+        is the noisy sum times q·N/B of a mean one (which Adam's per-coordinate steps do not
+        see).
     max_steps : int, optional
         Refuse (``BudgetExceededError``, no update) any step beyond this many: pass the steps
         charged to the ledger for this round.
@@ -828,7 +861,7 @@ def make_private(
             f"{'s' if len(problems) > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in problems)
         )
     rate = poisson_sample_rate(data_loader) if sample_rate is None else float(sample_rate)
-    expected_batch_size = max(1, floor_tolerant(len(cast(Sized, data_loader.dataset)) * rate))
+    expected_batch_size = int(cast(int, data_loader.batch_size))  # find_dp_problems: not None
     sampling_stream, noise_stream = session_streams(
         new_session_key() if noise_key is None else noise_key
     )
@@ -862,7 +895,7 @@ def make_private(
     except BaseException:
         _strip_opacus(module)  # leave the cached model as it was, ready for another try
         raise
-    # The Opacus loader's rate was 1/len(data_loader); the divisor must follow q instead.
+    # Opacus set int(N * q), a count of the private data; the divisor is the public B instead.
     dp_optimizer.expected_batch_size = expected_batch_size
     # An instance attribute shadows the class's add_noise; pre_step calls self.add_noise().
     dp_optimizer.add_noise = partial(_add_keyed_noise, dp_optimizer, noise_stream)

@@ -8,11 +8,17 @@ message names the value at fault, what is allowed and how to fix it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "BudgetExceededError",
     "DPCompatibilityError",
     "EvaluationRefusedError",
     "LedgerError",
+    "NonFiniteExamplesError",
     "PrivacyConfigError",
     "PrivacyError",
     "ReleaseMismatchError",
@@ -65,3 +71,24 @@ class ReleaseMismatchError(PrivacyError):
 class EvaluationRefusedError(PrivacyError):
     """An evaluation the site does not owe: a round it was not charged for, or a second,
     different adapter for a round it already evaluated."""
+
+
+class NonFiniteExamplesError(PrivacyError):
+    """Ghost clipping met examples whose loss or gradient norm is not finite.
+
+    Ghost clipping's second backward pass runs through every example's activations, so such
+    an example cannot be left out of the clipped sum; :meth:`fedpeft.privacy.dp.DPSession.
+    backward` undoes the step and raises this instead. Run the forward pass again on the
+    examples in ``finite`` (``(B,)`` bool) and call ``backward`` with their losses, as
+    :func:`fedpeft.client.train.private_backward` does: each example is dropped or kept by
+    its own value alone, which changes the clipped sum as its absence would. The error is
+    for the training loop and never leaves the site (which examples failed is private).
+    """
+
+    def __init__(self, finite: torch.Tensor) -> None:
+        self.finite = finite
+        super().__init__(
+            "ghost clipping cannot leave examples with a non-finite loss or gradient norm out "
+            "of the clipped sum; run the forward pass again on batch[error.finite] "
+            "(fedpeft.client.train.private_backward does)"
+        )

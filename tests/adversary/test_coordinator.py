@@ -416,14 +416,17 @@ def test_a_dp_train_reply_carries_the_delta_and_public_parameters_only(tmp_path:
     assert K.MET_TRAIN_LOSS not in metrics
 
 
-def test_an_overflowing_example_does_not_make_the_site_fail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_an_overflowing_example_does_not_make_the_site_fail(tmp_path: Path, clipping: str) -> None:
     """The membership bit of a crafted head: bias (+3e38, −3e38), weight 0, makes the loss
     0 for label 0 and infinite for label 1. If the site failed on an infinite loss, its reply
     would say whether a label-1 example was in a batch, outside any noise. It must not: the
     reply is a normal noisy update whether or not the site holds such an example."""
     import csv
 
-    config = _config(tmp_path, "seed=7", "privacy.noise_multiplier=1.0")  # own cached model
+    config = _config(  # its own cached model
+        tmp_path, "seed=7", "privacy.noise_multiplier=1.0", f"privacy.clipping={clipping}"
+    )
     coordinator = Coordinator(config)
     crafted = coordinator.start.copy()
     crafted[-66:-2] = 0.0  # head weight
@@ -479,6 +482,45 @@ def test_under_secure_aggregation_nothing_a_site_sends_reveals_its_size(tmp_path
     for per_round in figures.values():
         assert len(per_round) == 3 and set(per_round[0]) == set(K.PRIVACY_METRICS)
         assert per_round[0] == per_round[1] == per_round[2]  # ε, σ, q, δ: no trace of N
+
+
+def test_the_noise_in_an_update_does_not_reveal_the_sites_size(tmp_path: Path) -> None:
+    """Without secure aggregation the coordinator holds each update: its noise scale is
+    σ·C·lr/B with B = train.batch_size at sites of 64, 128 and 256 rows alike.
+
+    Opacus's divisor ⌊q·N⌋ (1, 2 and 4 here) made the three scales differ four-fold: one
+    update told the coordinator N to within 1/q. Plain SGD and one step make the update
+    lr·(clipped sum + noise)/B; the clipped sum (≤ q·N·C ≈ 4·C in norm, against noise of
+    norm σ·C·√d) moves the estimate by well under 1%.
+    """
+    lr, clip, batch = 0.5, 1.0, 8
+    config = _config(
+        tmp_path,
+        "privacy.sample_rate=0.02",
+        f"privacy.max_grad_norm={clip}",
+        "train.optimizer=sgd",
+        f"train.lr={lr}",
+        "train.head_lr=null",
+        "train.local_steps=1",
+        f"train.batch_size={batch}",
+    )
+    coordinator = Coordinator(config)
+    scales = {}
+    for rows in (64, 128, 256):
+        csv = write_classification_csv(tmp_path / f"site{rows}.csv", n=rows, seed=rows)
+        node = {
+            K.NODE_DATA_PATH: str(csv),
+            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{rows}.json"),
+            K.NODE_EPSILON_MAX: 8.0,
+            K.NODE_DELTA: 1e-5,
+        }
+        reply = _send(config, node, coordinator.train())
+        sigma = float(reply.content.metric_records[K.METRICS][K.MET_NOISE_MULTIPLIER])
+        delta = _delta(reply).astype(np.float64)
+        assert delta.size > 2_000
+        scales[rows] = float(delta.std()) * batch / (lr * clip * sigma)
+    assert all(abs(scale - 1) < 0.05 for scale in scales.values()), scales
+    assert max(scales.values()) / min(scales.values()) < 1.05, scales
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])

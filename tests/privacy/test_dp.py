@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,6 +30,7 @@ from fedpeft.privacy.dp import (
 from fedpeft.privacy.errors import (
     BudgetExceededError,
     DPCompatibilityError,
+    NonFiniteExamplesError,
     PrivacyConfigError,
     PrivacyError,
 )
@@ -190,13 +192,13 @@ def test_noise_free_unclipped_dp_step_equals_sgd(
 ) -> None:
     plain, batch = _model_and_batch(tiny, kind)
     private = copy.deepcopy(plain)
-    # 20 examples, batch_size 5: q = 1/4 and E = 5; or batch_size 7 (q would be 1/3, E 6)
-    # with sample_rate=0.25 given: E = 5 again. Poisson sampling is bypassed *here only* by
-    # stepping on a fixed batch of exactly E examples.
+    # 20 examples, batch_size 5: q = 1/4 and the divisor B = 5; with sample_rate=0.5 given
+    # (q·N = 10) the divisor is still the loader's B = 5, a setting, not a count of the data.
+    # Poisson sampling is bypassed *here only* by stepping on a fixed batch of B examples.
     pool = tiny.make_batch(batch.task, lengths=[3, 5, 7, 9] * 5, seed=7)
     fixed = pool.subset([0, 5, 10, 15, 18])
-    loader = _loader_over(pool, batch_size=7 if explicit_rate else 5)
-    rate = {"sample_rate": 0.25} if explicit_rate else {}
+    loader = _loader_over(pool, batch_size=5)
+    rate = {"sample_rate": 0.5} if explicit_rate else {}
 
     sgd = torch.optim.SGD(list(_trainable(plain).values()), lr=0.5)
     tiny.losses_of(plain, fixed).mean().backward()
@@ -206,7 +208,7 @@ def test_noise_free_unclipped_dp_step_equals_sgd(
         private, loader, grad_sample_mode=mode, max_grad_norm=1e6, lr=0.5, noise_key=KEY, **rate
     )
     assert session.expected_batch_size == fixed.size
-    assert session.sample_rate == 0.25
+    assert session.sample_rate == (0.5 if explicit_rate else 0.25)
     session.backward(tiny.losses_of(session.module, fixed))
     session.optimizer.step()
     session.close()
@@ -387,15 +389,59 @@ def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(
     session.close()
 
 
-def test_ghost_mode_still_refuses_non_finite_losses(tiny: SimpleNamespace) -> None:
+# the model is float64: a loss of ~1e300 is finite, its gradient's squared norm is not
+@pytest.mark.parametrize("poison", [float("nan"), 1e300], ids=["nan-loss", "overflowing-gradient"])
+def test_ghost_mode_runs_the_step_again_without_a_non_finite_example(
+    tiny: SimpleNamespace, poison: float
+) -> None:
+    """Ghost clipping cannot zero one example (its activations enter the second pass), so the
+    step is undone and run again on the other four: the same step as hooks' zeroed row."""
     model, batch = _model_and_batch(tiny, "bert")
-    session = _private(model, _loader_over(batch), grad_sample_mode="ghost")
-    losses = tiny.losses_of(session.module, batch)
-    with pytest.raises(PrivacyError, match="1 of 5 per-example losses are not finite"):
-        session.backward(
-            losses * torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0], dtype=losses.dtype)
+    weights = torch.tensor([1.0, poison, 1.0, 1.0, 1.0], dtype=torch.float64)
+    stepped = {}
+    for mode in ("hooks", "ghost"):
+        private = copy.deepcopy(model)
+        session = _private(private, _loader_over(batch), grad_sample_mode=mode, max_grad_norm=0.5)
+        if mode == "hooks":
+            session.backward(tiny.losses_of(session.module, batch) * weights)
+        else:
+            with pytest.raises(NonFiniteExamplesError) as caught:
+                session.backward(tiny.losses_of(session.module, batch) * weights)
+            assert caught.value.finite.tolist() == [True, False, True, True, True]
+            assert all(p.grad is None or not p.grad.any() for p in _trainable(private).values())
+            kept = batch.subset([0, 2, 3, 4])
+            session.backward(tiny.losses_of(session.module, kept))
+        session.optimizer.step()
+        session.close()
+        stepped[mode] = _trainable(private)
+    start = _trainable(model)
+    assert any(not torch.equal(p, start[name]) for name, p in stepped["ghost"].items())
+    for name, p in stepped["hooks"].items():
+        torch.testing.assert_close(stepped["ghost"][name], p, msg=name)
+
+
+def test_private_backward_drops_non_finite_examples_in_every_mode(tiny: SimpleNamespace) -> None:
+    from fedpeft.client.train import private_backward
+
+    model, batch = _model_and_batch(tiny, "bert")
+    loader = _loader_over(batch)
+    ids, mask, labels = next(iter(loader))
+    rows = torch.arange(5)  # which example each row is, through the re-run
+    weights = torch.tensor([1.0, float("nan"), 1.0, float("nan"), 1.0])
+    for mode in MODES:
+        session = _private(copy.deepcopy(model), loader, grad_sample_mode=mode)
+
+        def losses_of(b: Sequence[torch.Tensor], session: DPSession = session) -> torch.Tensor:
+            logits = session.module(input_ids=b[0], attention_mask=b[1]).logits
+            return per_example_loss(logits, b[2], task="classification") * weights[b[3]]
+
+        loss, used = private_backward(
+            session, (ids, mask, labels, rows), losses_of, device=torch.device("cpu")
         )
-    session.close()
+        assert torch.isfinite(loss), mode
+        assert used[3].tolist() == ([0, 2, 4] if mode == "ghost" else [0, 1, 2, 3, 4]), mode
+        session.optimizer.step()
+        session.close()
 
 
 def test_data_loader_is_poisson_sampled(tiny: SimpleNamespace) -> None:
@@ -548,10 +594,10 @@ def test_noise_has_std_sigma_c_over_the_expected_batch(
     model, session, x = _linear_session(
         mode, loss_reduction=reduction, sample_rate=0.25, noise_key=KEY
     )
-    assert session.expected_batch_size == 10  # floor(0.25 * 40)
+    assert session.expected_batch_size == 16  # the loader's batch_size, not floor(0.25 * 40)
     noise = torch.cat([_noisy_step(model, session, x, kind) for _ in range(3)]).numpy()
     session.close()
-    std = 1.3 * 0.7 / (10 if reduction == "mean" else 1)
+    std = 1.3 * 0.7 / (16 if reduction == "mean" else 1)
     n = noise.size  # 30,150
     assert abs(noise.mean()) < 4 * std / math.sqrt(n)
     assert abs(noise.std() / std - 1) < 4 * math.sqrt(1 / (2 * n))
@@ -655,7 +701,7 @@ def test_explicit_sample_rate_gives_batches_of_mean_size_q_n(tiny: SimpleNamespa
     loader = _loader_over(pool, batch_size=4)  # its own rate would be 1/15
     session = _private(model, loader, sample_rate=q, noise_key=KEY)
     assert session.sample_rate == session.data_loader.sample_rate == q
-    assert session.expected_batch_size == 9  # floor(0.15 * 60)
+    assert session.expected_batch_size == 4  # the loader's batch_size, not floor(0.15 * 60)
     assert len(session.data_loader) == 6  # floor(1 / q) batches per pass, as Opacus
     sizes = np.array([len(labels) for _ in range(50) for *_, labels in session.data_loader])
     assert len(sizes) == 300
@@ -663,19 +709,38 @@ def test_explicit_sample_rate_gives_batches_of_mean_size_q_n(tiny: SimpleNamespa
     session.close()
 
 
-def test_expected_batch_size_follows_q_and_n_and_is_at_least_one(tiny: SimpleNamespace) -> None:
-    model, batch = _model_and_batch(tiny, "bert")  # 5 examples
-    for rate, expected in ((0.1, 1), (0.5, 2), (0.6, 3), (1.0, 5)):
-        session = _private(model, _loader_over(batch), sample_rate=rate)
-        assert session.expected_batch_size == expected, rate
+def test_the_mean_divisor_is_the_batch_size_setting_whatever_n_and_q() -> None:
+    """The noise in an update is σ·C/B with B the loader's batch_size at any N and q.
+
+    Opacus divides by int(q·N): its noise scale σ·C/⌊qN⌋ would tell a coordinator holding one
+    update the site's N to within 1/q, and a divisor computed from the private N is not
+    post-processing of the noisy sum under add/remove adjacency.
+    """
+    stds = {}
+    for n, rate in ((40, 0.25), (640, 0.25), (640, 0.01), (3, 0.1)):
+        x = torch.randn(n, 200, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        model = _linear_model()
+        session = make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(x), batch_size=16),
+            noise_multiplier=1.3,
+            max_grad_norm=0.7,
+            sample_rate=rate,
+            noise_key=KEY,
+        )
+        assert session.expected_batch_size == 16, (n, rate)
+        noise = torch.cat([_noisy_step(model, session, x, "empty") for _ in range(3)]).numpy()
         session.close()
-    # q * N = 0.5 < 1: the noisy sum is divided by 1, not 0
-    session = _private(model, _loader_over(batch), sample_rate=0.1, noise_multiplier=1.0)
-    session.backward(torch.empty(0))
-    session.optimizer.step()
-    assert all(bool(torch.isfinite(p).all()) for p in _trainable(model).values())
-    session.close()
-    # 98 examples in batches of 2: q = 1/49, and Opacus' int(98 * (1 / 49)) would be 1
+        stds[(n, rate)] = float(noise.std())
+    # the same key gives the same noise draws: the updates agree to rounding at every N and q
+    assert max(stds.values()) / min(stds.values()) - 1 < 1e-9, stds
+    assert abs(stds[(40, 0.25)] / (1.3 * 0.7 / 16) - 1) < 4 * math.sqrt(1 / (2 * 30_150))
+
+
+def test_without_a_rate_q_is_one_over_the_loader_length(tiny: SimpleNamespace) -> None:
+    model, _ = _model_and_batch(tiny, "bert")
+    # 98 examples in batches of 2: q = 1/49, and 1 / (1 / 49) must give 49 steps, not 48
     pool = tiny.make_batch("classification", lengths=[3] * 98, seed=4)
     session = _private(model, _loader_over(pool, batch_size=2))
     assert (session.sample_rate, session.expected_batch_size) == (1 / 49, 2)
