@@ -651,8 +651,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedpeft-quality-") as work, warnings.catch_warnings():
         # Opacus's notes on torch's RNG, hooks and RDP orders, repeated by every DP round. The
-        # RNG note is the known limit documented in fedpeft/privacy/dp.py (no torchcsprng);
-        # each filter matches one message and ends with this block.
+        # RNG note is about torch generators fedpeft no longer draws noise or batches from
+        # (fedpeft/privacy/dp.py, "Randomness"); each filter matches one message and ends with
+        # this block.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Optimal order is the")

@@ -606,9 +606,7 @@ def run_audit(
                     _, kept = private_backward(
                         session,
                         batch,
-                        lambda b: forward_losses(
-                            loaded, session.module, (b[0], b[1], b[2]), device
-                        )[0],
+                        lambda b: forward_losses(loaded, session.module, b, device)[0],
                         device=device,
                     )
                     if dirac is not None and kept[0].shape[0]:

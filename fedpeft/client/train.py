@@ -93,16 +93,18 @@ def autocast(
 def forward_losses(
     loaded: LoadedModel,
     model: torch.nn.Module,
-    batch: Batch,
+    batch: Sequence[torch.Tensor],
     device: torch.device,
     *,
     mixed_precision: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example losses ``(B,)``, float32, and the logits for one batch.
 
-    ``mixed_precision`` runs the forward pass under :func:`autocast` (never under DP-SGD).
+    ``batch`` is (input ids, attention mask, labels, …): tensors after the third (an audit's
+    canary marks) are not read. ``mixed_precision`` runs the forward pass under
+    :func:`autocast` (never under DP-SGD).
     """
-    ids, mask, labels = (t.to(device) for t in batch)
+    ids, mask, labels = (t.to(device) for t in batch[:3])
     with autocast(device, enabled=mixed_precision):
         logits = model(input_ids=ids, attention_mask=mask).logits
     return per_example_loss(logits, labels, task=loaded.task), logits
@@ -261,9 +263,7 @@ def train_local(
                     loss, kept = private_backward(
                         session,
                         batch,
-                        lambda b: forward_losses(
-                            loaded, session.module, (b[0], b[1], b[2]), device
-                        )[0],
+                        lambda b: forward_losses(loaded, session.module, b, device)[0],
                         device=device,
                     )
                     if kept[0].shape[0]:

@@ -77,6 +77,20 @@ def _node(tmp_path: Path, **extra: Any) -> dict[str, Any]:
     return {k: v for k, v in node.items() if v is not None}
 
 
+def _site(tmp_path: Path, node: int, *, rows: int = 64, **extra: Any) -> dict[str, Any]:
+    """Deployed site ``node`` of several: its own CSV (``rows`` rows, seed ``node``), ledger
+    ``ledger{node}.json``, ceiling 8 and δ 1e-5, then ``extra``."""
+    csv = write_classification_csv(tmp_path / f"site{node}.csv", n=rows, seed=node)
+    node_config: dict[str, Any] = {
+        K.NODE_DATA_PATH: str(csv),
+        K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
+        K.NODE_EPSILON_MAX: 8.0,
+        K.NODE_DELTA: 1e-5,
+    }
+    node_config.update(extra)
+    return node_config
+
+
 class Coordinator:
     """A coordinator that writes its own instructions (what the ServerApp would send, or not)."""
 
@@ -456,15 +470,9 @@ def test_under_secure_aggregation_nothing_a_site_sends_reveals_its_size(tmp_path
     from fedpeft.server.rundir import RunDir
 
     config = _config(tmp_path, "secagg.enabled=true", "federation.rounds=2")
-    nodes = {}
-    for node, rows in ((11, 64), (22, 128), (33, 256)):
-        csv = write_classification_csv(tmp_path / f"site{node}.csv", n=rows, seed=node)
-        nodes[node] = {
-            K.NODE_DATA_PATH: str(csv),
-            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
-            K.NODE_EPSILON_MAX: 8.0,
-            K.NODE_DELTA: 1e-5,
-        }
+    nodes = {
+        node: _site(tmp_path, node, rows=rows) for node, rows in ((11, 64), (22, 128), (33, 256))
+    }
     grid = InProcessGrid(make_client_app(config), nodes)
     Federation(grid, config, RunDir(tmp_path / "run"), Progress()).run()
     figures: dict[str, list[dict[str, Any]]] = {}
@@ -507,14 +515,7 @@ def test_the_noise_in_an_update_does_not_reveal_the_sites_size(tmp_path: Path) -
     coordinator = Coordinator(config)
     scales = {}
     for rows in (64, 128, 256):
-        csv = write_classification_csv(tmp_path / f"site{rows}.csv", n=rows, seed=rows)
-        node = {
-            K.NODE_DATA_PATH: str(csv),
-            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{rows}.json"),
-            K.NODE_EPSILON_MAX: 8.0,
-            K.NODE_DELTA: 1e-5,
-        }
-        reply = _send(config, node, coordinator.train())
+        reply = _send(config, _site(tmp_path, rows, rows=rows), coordinator.train())
         sigma = float(reply.content.metric_records[K.METRICS][K.MET_NOISE_MULTIPLIER])
         delta = _delta(reply).astype(np.float64)
         assert delta.size > 2_000
@@ -530,16 +531,8 @@ def test_a_signed_federation_trains_and_an_unsigned_one_costs_nothing(
     from fedpeft.server.app import run_federation
 
     config = _config(tmp_path, f"secagg.enabled={str(secure).lower()}", "federation.rounds=1")
-    nodes = {}
-    for node in (11, 22, 33):
-        csv = write_classification_csv(tmp_path / f"site{node}.csv", n=64, seed=node)
-        nodes[node] = {
-            K.NODE_DATA_PATH: str(csv),
-            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
-            K.NODE_EPSILON_MAX: 8.0,
-            K.NODE_DELTA: 1e-5,
-            K.NODE_COORDINATOR_PUBLIC_KEY: str(keys["trusted.pub"]),
-        }
+    trusted = {K.NODE_COORDINATOR_PUBLIC_KEY: str(keys["trusted.pub"])}
+    nodes = {node: _site(tmp_path, node, **trusted) for node in (11, 22, 33)}
 
     def ledgers() -> list[Any]:
         return [json.loads((tmp_path / f"ledger{n}.json").read_text()) for n in nodes]
@@ -605,15 +598,7 @@ def test_the_same_instruction_in_another_secure_session_is_another_release(
     config = _config(
         tmp_path, "secagg.enabled=true", "federation.rounds=1", "privacy.noise_multiplier=1.0"
     )
-    nodes = {}
-    for node in (11, 22, 33):
-        csv = write_classification_csv(tmp_path / f"site{node}.csv", n=64, seed=node)
-        nodes[node] = {
-            K.NODE_DATA_PATH: str(csv),
-            K.NODE_LEDGER_PATH: str(tmp_path / f"ledger{node}.json"),
-            K.NODE_EPSILON_MAX: 100.0,
-            K.NODE_DELTA: 1e-5,
-        }
+    nodes = {node: _site(tmp_path, node, **{K.NODE_EPSILON_MAX: 100.0}) for node in (11, 22, 33)}
     coordinator = Coordinator(config)
     grid = InProcessGrid(make_client_app(config), nodes)
     for group in ((11, 22), (11, 33)):

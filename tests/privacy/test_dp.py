@@ -554,9 +554,13 @@ def _linear_model() -> nn.Module:
     return nn.Linear(200, 50, dtype=torch.float64).train()
 
 
-def _linear_session(mode: str, **kwargs: object) -> tuple[nn.Module, DPSession, torch.Tensor]:
-    """40 examples through a loader of batch_size 16 (its own q would be 1/3)."""
-    x = torch.randn(40, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+def _linear_session(
+    mode: str, *, num_examples: int = 40, **kwargs: object
+) -> tuple[nn.Module, DPSession, torch.Tensor]:
+    """``num_examples`` (40: its own q would be 1/3) through a loader of batch_size 16."""
+    x = torch.randn(
+        num_examples, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     model = _linear_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     settings: dict[str, object] = {"noise_multiplier": 1.3, "max_grad_norm": 0.7}
@@ -718,16 +722,8 @@ def test_the_mean_divisor_is_the_batch_size_setting_whatever_n_and_q() -> None:
     """
     stds = {}
     for n, rate in ((40, 0.25), (640, 0.25), (640, 0.01), (3, 0.1)):
-        x = torch.randn(n, 200, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
-        model = _linear_model()
-        session = make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-            data_loader=DataLoader(TensorDataset(x), batch_size=16),
-            noise_multiplier=1.3,
-            max_grad_norm=0.7,
-            sample_rate=rate,
-            noise_key=KEY,
+        model, session, x = _linear_session(
+            "hooks", num_examples=n, sample_rate=rate, noise_key=KEY
         )
         assert session.expected_batch_size == 16, (n, rate)
         noise = torch.cat([_noisy_step(model, session, x, "empty") for _ in range(3)]).numpy()
