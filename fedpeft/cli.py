@@ -1,5 +1,6 @@
 """The ``fedpeft`` command: ``simulate`` a federation, ``audit`` its DP-SGD's ε from below
-(:mod:`fedpeft.audit`), ``export`` its adapter, make ``certs`` and ``keys`` for a real
+(:mod:`fedpeft.audit`), ``report`` a run for a privacy officer (:mod:`fedpeft.report`),
+``export`` its adapter, make ``certs`` and ``keys`` for a real
 deployment (:mod:`fedpeft.deploy`), and serve a site's SuperNode with a long-lived ClientApp
 ``worker`` (:mod:`fedpeft.client.worker`).
 
@@ -60,6 +61,18 @@ def _export(args: argparse.Namespace) -> int:
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     print(f"merged model written to {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedpeft.report import read_run, write_reference, write_report
+
+    run_dir = Path(args.run_dir)
+    read_run(run_dir)  # fails with a clear message on a folder that is not a run
+    if args.reference:
+        write_reference(run_dir, Path(args.reference))
+    path = write_report(run_dir)
+    print(f"report written to {path.resolve()} (self-contained; open it in any browser)")
     return 0
 
 
@@ -195,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", help="new folder for audit.json (default runs/audit-<time>)")
     audit.add_argument("--seed", type=int, help="repeat an audit exactly (default: fresh)")
     audit.set_defaults(func=_audit)
+    report = sub.add_parser(
+        "report", help="write RUN_DIR/report.html: plots, ε per site, what left each site"
+    )
+    report.add_argument("run_dir")
+    report.add_argument(
+        "--reference",
+        help="a non-private run directory to draw beside this one (kept in reference.json)",
+    )
+    report.set_defaults(func=_report)
     exp = sub.add_parser("export", help="export a run's global adapter (PEFT) or merged model")
     exp.add_argument("run_dir")
     exp.add_argument("--out", required=True, help="new folder to write")

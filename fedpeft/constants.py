@@ -12,6 +12,10 @@ RUN_RESUME_FROM = "resume-from"  # a run directory: continue that federation aft
 # ServerApp only: path (on the coordinator's machine) of its Ed25519 key; it signs every
 # train and evaluate instruction with it (sites that name its public key check them).
 RUN_COORDINATOR_KEY = "coordinator-key"
+# What the coordinator declares about the SuperLink it started (the ServerApp cannot see it):
+# e.g. transport-tls="on: fedpeft certs, ca.crt given to every site"; shown in report.html.
+RUN_TRANSPORT_TLS = "transport-tls"
+RUN_TRANSPORT_NODE_AUTH = "transport-node-auth"
 
 # --- node config (site operator → its own ClientApp; never leaves the site) --------------
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation engine

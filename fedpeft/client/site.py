@@ -10,6 +10,7 @@ dataset; at a real site it is the operator's own file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -99,13 +100,25 @@ def held_out_split(
     """
     if K.NODE_PARTITION_ID in node_config:
         return config.data.test_fraction, config.data.max_eval_examples, config.seed
-    fraction = float(str(node_config.get(K.NODE_EVAL_FRACTION, K.DEFAULT_EVAL_FRACTION)))
-    cap = int(str(node_config.get(K.NODE_EVAL_MAX, K.DEFAULT_EVAL_MAX)))
-    if not 0.0 < fraction < 1.0 or cap < 1:
+    raw_fraction = node_config.get(K.NODE_EVAL_FRACTION, K.DEFAULT_EVAL_FRACTION)
+    raw_cap = node_config.get(K.NODE_EVAL_MAX, K.DEFAULT_EVAL_MAX)
+    try:
+        fraction = float(str(raw_fraction))
+    except ValueError:
+        fraction = math.nan
+    if not 0.0 < fraction < 1.0:  # NaN fails too
         raise ConfigError(
-            f"node config {K.NODE_EVAL_FRACTION}={fraction!r} / {K.NODE_EVAL_MAX}={cap!r}: the "
-            "fraction must be in (0, 1) and the cap >= 1 (defaults "
-            f"{K.DEFAULT_EVAL_FRACTION} and {K.DEFAULT_EVAL_MAX})"
+            f"node config {K.NODE_EVAL_FRACTION}={raw_fraction!r} must be a number in (0, 1), "
+            f"the share of the site's rows it holds out (default {K.DEFAULT_EVAL_FRACTION})"
+        )
+    try:
+        cap = int(str(raw_cap))
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise ConfigError(
+            f"node config {K.NODE_EVAL_MAX}={raw_cap!r} must be a whole number >= 1, the most "
+            f"held-out rows the site evaluates (default {K.DEFAULT_EVAL_MAX})"
         )
     return fraction, cap, 0
 

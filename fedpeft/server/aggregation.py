@@ -48,6 +48,8 @@ class RoundOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id → figures
+    # secure aggregation only: the round's k (neighbours), t (threshold) and smallest sum
+    secagg_params: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from fedpeft.config import (
 from fedpeft.instructions import Signer, config_digest
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
 from fedpeft.privacy.signing import load_private_key
+from fedpeft.report import write_report
 from fedpeft.server.aggregation import (
     Aggregation,
     EvalRequest,
@@ -71,6 +72,29 @@ logger = logging.getLogger(__name__)
 
 NODE_WAIT_POLL_S = 1.0
 FEDERATION_FILE = "federation.json"  # the federation's id, written at its first start
+
+
+SIMULATED_TRANSPORT = {
+    "tls": "not applicable: a simulation passes messages inside one machine",
+    "node_auth": "not applicable: a simulation's sites are its own processes",
+}
+
+
+def declared_transport(run_config: Mapping[str, Any]) -> dict[str, str]:
+    """TLS and SuperNode authentication as the coordinator declares them in the run config.
+
+    The ServerApp cannot see how the SuperLink was started, so the report says these are
+    declared (run config ``transport-tls`` / ``transport-node-auth``), not observed.
+    """
+    found = {}
+    for key, name in ((K.RUN_TRANSPORT_TLS, "tls"), (K.RUN_TRANSPORT_NODE_AUTH, "node_auth")):
+        value = str(run_config.get(key, "") or "").strip()
+        found[name] = (
+            f"{value} (declared by the coordinator; the ServerApp cannot observe the SuperLink)"
+            if value
+            else f"not declared (run config {key}); check the SuperLink's command line"
+        )
+    return found
 
 
 class FederationAborted(RuntimeError):
@@ -120,6 +144,7 @@ class Federation:
         progress: Progress,
         *,
         signing_key: Ed25519PrivateKey | None = None,
+        transport: dict[str, str] | None = None,
     ) -> None:
         self.grid = grid
         self.config = config
@@ -141,6 +166,8 @@ class Federation:
         self.signer = (
             Signer(signing_key, config_digest(to_yaml(config))) if signing_key is not None else None
         )
+        # how messages travel, for the report: TLS and node authentication as configured
+        self.transport = {**(transport or {}), "signed": "yes" if self.signer else "no"}
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, round_number: int) -> None:
@@ -208,6 +235,16 @@ class Federation:
         save_adapter(self.loaded, self.global_flat, tmp)
         self.run_dir.commit_adapter(tmp)
 
+    def write_report(self) -> None:
+        """Rewrite ``report.html``; a report that cannot be written does not end the run."""
+        try:
+            write_report(self.run_dir.path)
+        except Exception:  # the round's files are written; the page can be rebuilt later
+            logger.exception(
+                "report.html not written after this round; 'fedpeft report %s' rebuilds it",
+                self.run_dir.path,
+            )
+
     def broadcast(self) -> Broadcast:
         """The global adapter as it goes down: without the LoRA factors still at their start."""
         return encode(self.global_flat, self.loaded.layout, seed=self.config.seed)
@@ -247,6 +284,7 @@ class Federation:
             "bytes_up": outcome.bytes_up,
             "site_metrics": outcome.site_metrics,
             "secagg": self.config.secagg.enabled,
+            "secagg_params": outcome.secagg_params,
             "contributors": [int(n) for n in outcome.contributors],
         }
 
@@ -300,7 +338,9 @@ class Federation:
     def run(self) -> list[dict[str, Any]]:
         config, fed = self.config, self.config.federation
         self.run_dir.write_config(to_yaml(config))
-        self.run_dir.write_json(FEDERATION_FILE, {"federation_id": self.federation_id})
+        self.run_dir.write_json(
+            FEDERATION_FILE, {"federation_id": self.federation_id, "transport": self.transport}
+        )
         self.progress.start(
             rounds=fed.rounds,
             sites=fed.num_sites,
@@ -337,6 +377,7 @@ class Federation:
             self.write_adapter()
             self.checkpoint(round_number)
             self.next_round = round_number + 1
+            self.write_report()
             self.progress.round_done(row)
         return self.run_dir.read_metrics()
 
@@ -369,6 +410,7 @@ def run_federation(
     progress: Progress | None = None,
     resume: bool = False,
     signing_key: Ed25519PrivateKey | None = None,
+    transport: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every round of a federation and return the rows of ``metrics.jsonl``.
 
@@ -382,7 +424,12 @@ def run_federation(
             "federation to continue, or leave resume-from empty to start a new one"
         )
     federation = Federation(
-        grid, config, RunDir(run_dir), progress or Progress(), signing_key=signing_key
+        grid,
+        config,
+        RunDir(run_dir),
+        progress or Progress(),
+        signing_key=signing_key,
+        transport=transport,
     )
     if resume:
         federation.resume()
@@ -407,9 +454,11 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         resume_from = None
         key = signing_key
+        transport = SIMULATED_TRANSPORT
         if config is not None:
             resolved = config
         else:
+            transport = declared_transport(context.run_config)
             settings = read_run_config(context.run_config)
             resolved, resume_from = settings.config, settings.resume_from
             key_path = str(context.run_config.get(K.RUN_COORDINATOR_KEY, "") or "").strip()
@@ -428,6 +477,7 @@ def make_server_app(
             progress=progress,
             resume=bool(resume_from),
             signing_key=key,
+            transport=transport,
         )
 
     return server_app

@@ -153,6 +153,8 @@ class _Exchanges:
     bytes_up: int = 0
     bytes_down: int = 0
     figures: dict[int, dict[str, Any]] = field(default_factory=dict)  # masked-stage metrics
+    # the round's SecAgg+ parameters as the server resolved them: k, t, the smallest sum
+    params: dict[str, int] = field(default_factory=dict)
 
     def run(
         self,
@@ -306,6 +308,11 @@ class SecureAggregation(Aggregation):
                 "and secagg.num_neighbours / secagg.threshold to null or to values that fit"
             ) from error
         stages = _Exchanges(grid, round_number)
+        stages.params = {
+            "num_neighbours": int(server.num_neighbours),
+            "threshold": int(server.threshold),
+            "min_sum": int(server.min_sum),
+        }
         wait = float(self.config.stage_timeout)
         try:
             stages.run(
@@ -458,4 +465,5 @@ def _outcome(nodes: list[int], *, included: tuple[int, ...], stages: _Exchanges)
         bytes_up=stages.bytes_up,
         bytes_down=stages.bytes_down,
         site_metrics={str(node): f for node, f in figures.items()},
+        secagg_params=dict(stages.params),
     )

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from fedpeft import constants as K
 from fedpeft.broadcast import encode
 from fedpeft.client.app import make_client_app
-from fedpeft.config import FedPeftConfig, compose_config, to_yaml
+from fedpeft.config import ConfigError, FedPeftConfig, compose_config, to_yaml
 from fedpeft.instructions import Signer, config_digest
 from fedpeft.model import AdapterLayout, build_model, get_flat
 from fedpeft.privacy.calibration import compute_epsilon
@@ -585,6 +585,15 @@ def test_a_deployed_sites_held_out_split_is_its_own(tmp_path: Path) -> None:
     config = _config(tmp_path, "data.test_fraction=0.5", "seed=3")
     partition = {K.NODE_PARTITION_ID: 0, K.NODE_NUM_PARTITIONS: 2}
     assert held_out_split(config, partition) == (0.5, config.data.max_eval_examples, 3)
+    bad = {K.NODE_EVAL_FRACTION: "a fifth", K.NODE_EVAL_MAX: "200"}
+    with pytest.raises(ConfigError, match=r"eval-fraction='a fifth' must be a number in \(0, 1\)"):
+        held_out_split(config, {**node, **bad})
+    for cap in ("many", "0", "2.5"):
+        with pytest.raises(ConfigError, match=rf"eval-max-examples='{cap}' must be a whole"):
+            held_out_split(config, {**node, K.NODE_EVAL_MAX: cap})
+    for fraction in ("nan", "1", "0"):
+        with pytest.raises(ConfigError, match="eval-fraction"):
+            held_out_split(config, {**node, K.NODE_EVAL_FRACTION: fraction})
 
 
 def test_the_same_instruction_in_another_secure_session_is_another_release(
