@@ -91,6 +91,7 @@ from fedpeft.server.aggregation import (
     RoundOutcome,
     RoundRequest,
     evaluate_content,
+    site_declaration,
     site_figures,
     train_content,
 )
@@ -153,6 +154,7 @@ class _Exchanges:
     bytes_up: int = 0
     bytes_down: int = 0
     figures: dict[int, dict[str, Any]] = field(default_factory=dict)  # masked-stage metrics
+    declarations: dict[int, dict[str, str | int]] = field(default_factory=dict)  # site-* keys
 
     def run(
         self,
@@ -210,6 +212,7 @@ class _Exchanges:
             accepted.add(node)
             if reply_type is MaskedVector:
                 self.figures[node] = site_figures(reply)
+                self.declarations[node] = site_declaration(reply)
         self.missing |= set(requests) - answered
         logger.debug("%s: %d of %d site(s) accepted", where, len(accepted), len(requests))
 
@@ -458,4 +461,5 @@ def _outcome(nodes: list[int], *, included: tuple[int, ...], stages: _Exchanges)
         bytes_up=stages.bytes_up,
         bytes_down=stages.bytes_down,
         site_metrics={str(node): f for node, f in figures.items()},
+        declarations={str(node): stages.declarations.get(node, {}) for node in included},
     )
