@@ -54,7 +54,7 @@ class BertMeanPoolingForSequenceClassification(BertForSequenceClassification):
 
     config_class = BertMeanPoolingConfig
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
