@@ -1,6 +1,6 @@
 """The ``fedpeft`` command: ``simulate`` a federation, ``audit`` its DP-SGD's ε from below
 (:mod:`fedpeft.audit`), ``report`` a run for a privacy officer (:mod:`fedpeft.report`),
-``export`` its adapter, make ``certs`` and ``keys`` for a real
+``export`` its adapter (:mod:`fedpeft.export`), make ``certs`` and ``keys`` for a real
 deployment (:mod:`fedpeft.deploy`), and serve a site's SuperNode with a long-lived ClientApp
 ``worker`` (:mod:`fedpeft.client.worker`).
 
@@ -12,11 +12,10 @@ fails at once on an unknown key or a bad value.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from fedpeft.config import ConfigError, compose_config, from_yaml
+from fedpeft.config import ConfigError, compose_config
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -34,33 +33,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    adapter = run_dir / "adapter"
-    config_file = run_dir / "config.yaml"
-    if not (adapter / "adapter_config.json").is_file() or not config_file.is_file():
-        raise ConfigError(
-            f"{run_dir} is not a finished fedpeft run directory (needs adapter/ and config.yaml); "
-            "give the folder that 'fedpeft simulate' printed."
+    from fedpeft.export import export_adapter, export_merged
+
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    if args.merge:
+        result = export_merged(run_dir, out)
+        print(f"merged model and model card (README.md) written to {result.out}")
+    else:
+        result = export_adapter(run_dir, out)
+        print(
+            f"adapter (PEFT format), model card (README.md) and its base model (base/) "
+            f"written to {result.out}"
         )
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder.")
-    if not args.merge:
-        shutil.copytree(adapter, out, dirs_exist_ok=True)
-        print(f"adapter (PEFT format) written to {out}")
-        return 0
-    import torch
-    from peft import PeftModel
-
-    from fedpeft.model import MODEL_LOADERS
-
-    config = from_yaml(config_file.read_text(encoding="utf-8"))
-    base, tokenizer = MODEL_LOADERS[config.model.loader](config.model)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged.to(torch.float32)
-    merged.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    print(f"merged model written to {out}")
     return 0
 
 

@@ -36,6 +36,14 @@ NODE_EVAL_FRACTION = "eval-fraction"  # default DEFAULT_EVAL_FRACTION
 NODE_EVAL_MAX = "eval-max-examples"  # default DEFAULT_EVAL_MAX
 DEFAULT_EVAL_FRACTION = 0.2
 DEFAULT_EVAL_MAX = 200
+# What a site chooses to publish about its data for the model card (fedpeft.model_card). Each
+# is sent, in the clear, with the site's train replies only when its node config sets it.
+NODE_SITE_DESCRIPTION = "site-description"  # free text, at most SITE_TEXT_MAX characters
+NODE_SITE_LICENSE = "site-license"  # the data's licence, at most SITE_LICENSE_MAX characters
+NODE_SITE_ROWS = "site-rows"  # a row count the site opts to publish (never sent otherwise)
+SITE_DECLARATION_KEYS = (NODE_SITE_DESCRIPTION, NODE_SITE_LICENSE, NODE_SITE_ROWS)
+SITE_TEXT_MAX = 2000
+SITE_LICENSE_MAX = 100
 
 # --- message record keys ------------------------------------------------------------------
 ARRAYS = "adapter"  # ArrayRecord: one flat float32 array under ARRAY_FLAT
@@ -43,6 +51,9 @@ ARRAY_FLAT = "flat"
 CONFIG = "config"  # ConfigRecord: instructions server → site
 METRICS = "metrics"  # MetricRecord: figures site → server
 LAYOUT = "layout"  # ConfigRecord: names and element counts of the flat array's tensors
+# ConfigRecord, site → server with a train reply: the node-config keys of
+# SITE_DECLARATION_KEYS the site set, under those names (absent when it set none)
+DECLARATION = "declaration"
 
 # ConfigRecord entries, server → site
 CFG_ROUND = "round"

@@ -65,6 +65,12 @@ RELEASES: tuple[Release, ...] = (
         "plain aggregation: in the clear; secure: per-slot counts inside the secure sum",
     ),
     Release(
+        "the site's declaration (node config `site-description`, `site-license`, `site-rows`)",
+        "with each update, only the keys the site's node config sets",
+        "none: the site publishes it (in the clear, also under secure aggregation); the model "
+        "card shows it, and no row count the site did not set",
+    ),
+    Release(
         "SecAgg+ public keys, encrypted shares, unmask shares",
         "each secure round",
         "the protocol (semi-honest server): shares of one site's two secrets are never both "
@@ -120,6 +126,11 @@ SETTINGS: tuple[Setting, ...] = (
         "site",
         "refuse runs without secure aggregation, and secure rounds whose threshold is below "
         "the minimum (default: any)",
+    ),
+    Setting(
+        "`site-description`, `site-license`, `site-rows`",
+        "site",
+        "optional; published with each update for the model card, as the table above says",
     ),
     Setting(
         "`data-path`, `device`, `lora-rank`",

@@ -20,10 +20,12 @@ resumes the federation under a new Flower run id.
 What leaves the site, and why nothing else does (README, "What leaves a site"):
 
 - a train reply carries the delta and the public DP parameters (ε spent, ceiling, δ, σ, q,
-  steps, clip norm). Its example count only under plain aggregation (for weighting); the
-  train loss only without DP and without secure aggregation (a mean loss over private
-  batches has no bounded sensitivity and is not noised); no timing (the server sees when a
-  reply arrives, nothing finer);
+  steps, clip norm), and what the site's node config chose to publish about its data for the
+  model card (``site-description``, ``site-license``, ``site-rows``; nothing when unset).
+  Its example count only under plain aggregation (for weighting); the train loss only
+  without DP and without secure aggregation (a mean loss over private batches has no bounded
+  sensitivity and is not noised); no timing (the server sees when a reply arrives, nothing
+  finer);
 - an evaluation is made at most once per round the site was charged for, of one adapter
   (the ledger records it); under secure aggregation its figures go only inside a secure sum
   (:data:`fedpeft.constants.TASK_EVALUATE`), never in the clear;
@@ -41,7 +43,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,7 +62,7 @@ from numpy.typing import NDArray
 from fedpeft import constants as K
 from fedpeft.client import secure_aggregation as secure
 from fedpeft.client.errors import SiteRefusal, error_reply
-from fedpeft.client.rules import SiteRules, require_privacy, site_rules
+from fedpeft.client.rules import SiteRules, require_privacy, site_declaration, site_rules
 from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
 from fedpeft.instructions import config_digest, verify_content
 from fedpeft.privacy.binding import adapter_digest, release_binding, release_key, release_seed
@@ -172,6 +174,8 @@ class LocalUpdate:
     # Seeds the stochastic rounding of secure aggregation's quantiser: fixed per release, so a
     # retried round masks the identical quantised vector (fedpeft.privacy.quantize).
     rounding_seed: int = 0
+    # What the site chose to publish about its data (node config site-*; empty: nothing).
+    declaration: dict[str, str | int] = field(default_factory=dict)
 
 
 def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
@@ -204,6 +208,7 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]  # type: ignore[union-attr]
     run_id = ledger_run_id(msg)
     require_privacy(config, site_rules(site.node_config))
+    declaration = site_declaration(site.node_config)  # checked before anything is charged
     global_flat = _global_flat(msg, site)
     privacy = None
     if config.privacy.enabled:
@@ -268,6 +273,7 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
         metrics=metrics,
         rank_slots=rank_indicator(site.rank, config.lora.r),
         rounding_seed=seed,
+        declaration=declaration,
     )
 
 
@@ -355,7 +361,7 @@ def handle_train(msg: Message, site: Site) -> RecordDict:
         )
     update = local_update(msg, site)
     assert update.layout is not None  # a train update always has one
-    return RecordDict(
+    content = RecordDict(
         {
             K.ARRAYS: ArrayRecord({K.ARRAY_FLAT: Array(update.delta)}),
             K.LAYOUT: ConfigRecord(
@@ -367,6 +373,9 @@ def handle_train(msg: Message, site: Site) -> RecordDict:
             K.METRICS: MetricRecord(dict(update.metrics)),
         }
     )
+    if update.declaration:  # only what the site's node config chose to publish
+        content[K.DECLARATION] = ConfigRecord(dict(update.declaration))
+    return content
 
 
 def handle_evaluate(msg: Message, site: Site) -> RecordDict:

@@ -19,7 +19,7 @@ from fedpeft.client.errors import SiteRefusal
 from fedpeft.config import ConfigError, FedPeftConfig
 from fedpeft.privacy.signing import load_public_key
 
-__all__ = ["SiteRules", "require_privacy", "site_rules"]
+__all__ = ["SiteRules", "require_privacy", "site_declaration", "site_rules"]
 
 
 def _float_setting(node_config: Mapping[str, object], key: str) -> float | None:
@@ -100,6 +100,23 @@ def site_rules(node_config: Mapping[str, object]) -> SiteRules:
         secagg_required=_bool_setting(node_config, K.NODE_SECAGG_REQUIRED, default=False),
         secagg_min_sites=_int_setting(node_config, K.NODE_SECAGG_MIN_SITES),
     )
+
+
+def site_declaration(node_config: Mapping[str, object]) -> dict[str, str | int]:
+    """What the site chose to publish about its data (``site-description``, ``site-license``,
+    ``site-rows``): only the keys its node config sets; sent with its train replies.
+
+    Raises
+    ------
+    ConfigError
+        If a value is malformed (checked before anything is trained or charged).
+    """
+    from fedpeft.model_card import parse_declaration
+
+    try:
+        return parse_declaration(node_config, source="node config")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _int_setting(node_config: Mapping[str, object], key: str) -> int | None:

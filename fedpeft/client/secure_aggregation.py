@@ -11,7 +11,8 @@ server's side in :mod:`fedpeft.server.secure_aggregation`; local training in
 In the masked stage the site trains only after checking that the request is the one its
 state expects (right round, right stage), then clips its delta to the server's clip range,
 quantises and masks it, and sends the uint32 vector plus its scalar figures (loss, seconds and
-whatever else the training reports, e.g. ε) but not its example count: under secure
+whatever else the training reports, e.g. ε, and the site's own declaration for the model card
+when its node config sets one) but not its example count: under secure
 aggregation sites weigh equally and the server does not learn how much data a site holds.
 With ``secagg.mixed_ranks`` the vector ends with the site's ``lora.r`` rank-slot indicators
 (exactly 0.0 or 1.0, see :mod:`fedpeft.ranks`), so the server learns per-slot site counts
@@ -176,13 +177,16 @@ def handle_masked(
     figures: dict[str, MetricRecordValues] = {
         k: v for k, v in update.metrics.items() if k not in (K.MET_NUM_EXAMPLES, K.MET_LORA_RANK)
     }
-    return RecordDict(
+    content = RecordDict(
         {
             K.SECAGG: ConfigRecord(dict(wire.fields)),
             K.SECAGG_ARRAYS: ArrayRecord({name: Array(v) for name, v in wire.arrays.items()}),
             K.METRICS: MetricRecord(figures),
         }
     )
+    if update.declaration:  # what the site chose to publish (train updates only)
+        content[K.DECLARATION] = ConfigRecord(dict(update.declaration))
+    return content
 
 
 def handle_unmask(msg: Message, context: Context) -> RecordDict:

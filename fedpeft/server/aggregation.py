@@ -50,6 +50,8 @@ class RoundOutcome:
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id → figures
     # secure aggregation only: the round's k (neighbours), t (threshold) and smallest sum
     secagg_params: dict[str, int] = field(default_factory=dict)
+    # node id → what the site chose to publish about its data ({}: nothing), contributors only
+    declarations: dict[str, dict[str, str | int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,24 @@ def site_figures(reply: Message) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
+def site_declaration(reply: Message) -> dict[str, str | int]:
+    """What a site published about its data with its train reply (``{}``: nothing).
+
+    A malformed declaration is dropped with a warning; the update itself stands.
+    """
+    from fedpeft.model_card import parse_declaration
+
+    record = reply.content.config_records.get(K.DECLARATION)
+    if record is None:
+        return {}
+    node = reply.metadata.src_node_id
+    try:
+        return parse_declaration(dict(record), source=f"site {node}'s declaration")
+    except ValueError as err:
+        logger.warning("declaration of site %d dropped: %s", node, err)
+        return {}
+
+
 def reported_rank(reply: Message, checked: TrainReply, trained: AdapterLayout) -> int:
     """The LoRA rank a site trained: ``lora-rank`` in its figures, by default the full rank.
 
@@ -244,6 +264,7 @@ class PlainAggregation(Aggregation):
                 ranks.append(reported_rank(reply, checked, request.trained))
                 accepted.append(checked)
                 outcome.site_metrics[str(node)] = site_figures(reply)
+                outcome.declarations[str(node)] = site_declaration(reply)
             except ReplyRejected as err:
                 outcome.failures[str(node)] = f"rejected: {err}"
                 logger.warning("round %d: update rejected: %s", request.round_number, err)

@@ -51,6 +51,7 @@ from fedpeft.config import (
     read_run_config,
     to_yaml,
 )
+from fedpeft.export import BASE_DIR, describe_adapter, write_base
 from fedpeft.instructions import Signer, config_digest
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
 from fedpeft.privacy.signing import load_private_key
@@ -233,6 +234,7 @@ class Federation:
     def write_adapter(self) -> None:
         tmp = self.run_dir.adapter_writer()
         save_adapter(self.loaded, self.global_flat, tmp)
+        describe_adapter(tmp, self.run_dir.path)  # names RUN_DIR/base; model card README.md
         self.run_dir.commit_adapter(tmp)
 
     def write_report(self) -> None:
@@ -286,6 +288,7 @@ class Federation:
             "secagg": self.config.secagg.enabled,
             "secagg_params": outcome.secagg_params,
             "contributors": [int(n) for n in outcome.contributors],
+            "declarations": outcome.declarations,  # to sites.json, not metrics.jsonl
         }
 
     def available(self, nodes: list[int]) -> list[int]:
@@ -341,6 +344,7 @@ class Federation:
         self.run_dir.write_json(
             FEDERATION_FILE, {"federation_id": self.federation_id, "transport": self.transport}
         )
+        write_base(self.run_dir.path / BASE_DIR, config.model)  # the base every adapter names
         self.progress.start(
             rounds=fed.rounds,
             sites=fed.num_sites,
@@ -368,6 +372,7 @@ class Federation:
             phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
             row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
             self.privacy.observe(round_number, row["site_metrics"], row["failures"])
+            self.run_dir.record_declarations(round_number, row.pop("declarations"))
             epsilons = self.privacy.epsilons()
             row["epsilon"] = epsilons
             row["epsilon_max"] = max(epsilons.values()) if epsilons else None

@@ -1,8 +1,10 @@
 """The run directory: what a federation leaves behind for people and for a restart.
 
 Owns the files of PRODUCT.md's contract: ``config.yaml``, ``metrics.jsonl`` (one JSON
-object per round), ``adapter/`` (the latest global adapter in PEFT format) and
-``checkpoints/`` (what a restarted server needs). Every file is written to a temporary
+object per round), ``adapter/`` (the latest global adapter in PEFT format, with its model
+card), ``sites.json`` (what each contributing site chose to declare about its data) and
+``checkpoints/`` (what a restarted server needs); ``base/`` is written by
+:func:`fedpeft.export.write_base`. Every file is written to a temporary
 name and renamed into place, so a crash leaves the previous complete version.
 """
 
@@ -18,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from fedpeft.model_card import SITES_FILE
 
 CHECKPOINT_KEEP = 2  # the newest two, so a crash while writing one leaves the other
 
@@ -68,6 +72,16 @@ class RunDir:
     @property
     def adapter_path(self) -> Path:
         return self.path / "adapter"
+
+    def record_declarations(
+        self, round_number: int, declarations: dict[str, dict[str, str | int]]
+    ) -> None:
+        """Keep, in ``sites.json``, each contributing site's latest declaration (``{}``: it
+        declared nothing) and the last round it contributed to."""
+        sites = dict((self.read_json(SITES_FILE) or {}).get("sites", {}))
+        for node, declared in declarations.items():
+            sites[node] = {"declared": dict(declared), "last_round": round_number}
+        self.write_json(SITES_FILE, {"sites": sites})
 
     def write_config(self, yaml_text: str) -> None:
         _atomic_write_text(self.path / "config.yaml", yaml_text)

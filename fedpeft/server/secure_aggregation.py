@@ -91,6 +91,7 @@ from fedpeft.server.aggregation import (
     RoundOutcome,
     RoundRequest,
     evaluate_content,
+    site_declaration,
     site_figures,
     train_content,
 )
@@ -155,6 +156,7 @@ class _Exchanges:
     figures: dict[int, dict[str, Any]] = field(default_factory=dict)  # masked-stage metrics
     # the round's SecAgg+ parameters as the server resolved them: k, t, the smallest sum
     params: dict[str, int] = field(default_factory=dict)
+    declarations: dict[int, dict[str, str | int]] = field(default_factory=dict)  # site-* keys
 
     def run(
         self,
@@ -212,6 +214,7 @@ class _Exchanges:
             accepted.add(node)
             if reply_type is MaskedVector:
                 self.figures[node] = site_figures(reply)
+                self.declarations[node] = site_declaration(reply)
         self.missing |= set(requests) - answered
         logger.debug("%s: %d of %d site(s) accepted", where, len(accepted), len(requests))
 
@@ -466,4 +469,5 @@ def _outcome(nodes: list[int], *, included: tuple[int, ...], stages: _Exchanges)
         bytes_down=stages.bytes_down,
         site_metrics={str(node): f for node, f in figures.items()},
         secagg_params=dict(stages.params),
+        declarations={str(node): stages.declarations.get(node, {}) for node in included},
     )
