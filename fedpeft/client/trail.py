@@ -110,9 +110,7 @@ def site_trail_path(config: FedPeftConfig | None, context: Context) -> Path | No
     if not resolved.privacy.ledger_dir:
         return None
     slug = _site_name(node).replace(" ", "-").replace("/", "_")  # as ledger_path names it
-    folder = Path(resolved.privacy.ledger_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{slug}.json{TRAIL_SUFFIX}"
+    return Path(resolved.privacy.ledger_dir) / f"{slug}.json{TRAIL_SUFFIX}"
 
 
 def _instruction(msg: Message, context: Context) -> dict[str, Any]:
@@ -150,6 +148,7 @@ def site_trail_mod(config: FedPeftConfig | None) -> Mod:
         received = _instruction(msg, context)
         which = {k: received[k] for k in ("message_type", "round", "federation_id")}
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # as the ledger's folder is made
             trail.append("instruction", received)
         except Exception as err:  # nothing is handled that is not on the record
             return error_reply(msg, err)

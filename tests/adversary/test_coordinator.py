@@ -705,7 +705,8 @@ def test_no_reply_changes_because_of_the_site_trail(
 
 def test_a_site_whose_trail_cannot_be_written_releases_nothing(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    node = _node(tmp_path, **{K.NODE_AUDIT_PATH: str(tmp_path / "missing" / "audit.jsonl")})
+    (tmp_path / "taken").mkdir()  # a folder where the trail file should be
+    node = _node(tmp_path, **{K.NODE_AUDIT_PATH: str(tmp_path / "taken")})
     reply = _send(config, node, Coordinator(config).train())
     assert reply.has_error() and reply.error.reason == _fixed(K.ERR_SITE_FAILED)
     assert not (tmp_path / "ledger.json").exists() or _entries(tmp_path) == []
