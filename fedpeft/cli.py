@@ -165,6 +165,27 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if result.consistent else EXIT_VIOLATION
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from fedpeft.verify import NotARunDir, verify_run
+
+    try:
+        verdicts = verify_run(
+            Path(args.run_dir),
+            ledgers=[Path(p) for p in args.ledger or ()],
+            site_trails=[Path(p) for p in args.site_audit or ()],
+        )
+    except NotARunDir as err:
+        raise ConfigError(str(err)) from None
+    for verdict in verdicts:
+        print(verdict.line())
+    failed = sum(not v.ok for v in verdicts)
+    print(
+        f"{len(verdicts) - failed} of {len(verdicts)} checks passed"
+        + (f", {failed} FAILED" if failed else "")
+    )
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new folder to write")
     exp.add_argument("--merge", action="store_true", help="merge LoRA into the base model")
     exp.set_defaults(func=_export)
+    ver = sub.add_parser(
+        "verify",
+        help="re-check a run's hash chains, every ε (Opacus) and its adapter; exit 1 on a mismatch",
+    )
+    ver.add_argument("run_dir")
+    ver.add_argument(
+        "--ledger", action="append", help="a site's privacy ledger: recompute its ε (repeatable)"
+    )
+    ver.add_argument(
+        "--site-audit", action="append", help="a site's audit trail: check its chain (repeatable)"
+    )
+    ver.set_defaults(func=_verify)
     certs = sub.add_parser("certs", help="TLS: a CA and a SuperLink certificate signed by it")
     certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.*")
     certs.add_argument(

@@ -23,6 +23,8 @@ NODE_NUM_PARTITIONS = "num-partitions"  # set by Flower's simulation engine
 NODE_DATA_PATH = "data-path"  # a real site's CSV/JSONL file
 NODE_DEVICE = "device"  # auto | cpu | cuda | mps
 NODE_LEDGER_PATH = "ledger-path"  # the site's privacy ledger file (JSON), kept across runs
+# the site's own audit trail (JSON Lines, never sent); default <ledger-path>.audit.jsonl
+NODE_AUDIT_PATH = "audit-path"
 NODE_EPSILON_MAX = "privacy-epsilon-max"  # the site's ε ceiling; the coordinator cannot raise it
 NODE_DELTA = "privacy-delta"  # the site's δ: the federation's privacy.delta is capped by it
 NODE_PRIVACY_REQUIRED = "privacy-required"  # default true: refuse runs with DP off

@@ -16,6 +16,8 @@ from flwr.app import Message
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config, read_run_config
+from fedpeft.lineage import adapter_sha256
+from fedpeft.privacy.trail import read_trail
 from fedpeft.server.app import run_federation
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, write_classification_csv
@@ -183,6 +185,14 @@ def test_resumed_federation_equals_an_uninterrupted_one(
         assert [e["noise_multiplier"] for e in entries] == same
     report = json.loads((crashed / "privacy.json").read_text())
     assert report["sites"]["11"]["epsilon"] == expected[-1]["epsilon"]["11"]
+    # the resumed coordinator continued its audit trail: one chain, start → resume, and the
+    # adapter on disk is the one it logged last
+    trail = read_trail(crashed / "audit.jsonl")
+    assert trail.ok, trail.problem
+    events = [(e["event"], e.get("round")) for e in trail.entries]
+    assert events == [("start", None), ("round", 1), ("resume", None), ("round", 2)]
+    assert trail.entries[-1]["adapter_sha256"] == rows[-1]["adapter_sha256"]
+    assert rows[-1]["adapter_sha256"] == adapter_sha256(crashed / "adapter")
 
 
 def _one_round(tmp_path: Path, *extra: str) -> FedPeftConfig:

@@ -63,6 +63,7 @@ from fedpeft import constants as K
 from fedpeft.client import secure_aggregation as secure
 from fedpeft.client.errors import SiteRefusal, error_reply
 from fedpeft.client.rules import SiteRules, require_privacy, site_declaration, site_rules
+from fedpeft.client.trail import site_trail_mod
 from fedpeft.config import FedPeftConfig, as_dict, from_run_config, to_yaml
 from fedpeft.instructions import config_digest, verify_content
 from fedpeft.privacy.binding import adapter_digest, release_binding, release_key, release_seed
@@ -440,8 +441,12 @@ def masked_task(msg: Message) -> str:
 
 
 def make_client_app(config: FedPeftConfig | None = None) -> ClientApp:
-    """A ClientApp; with ``config`` it skips reading the run config (simulation)."""
-    client_app = ClientApp()
+    """A ClientApp; with ``config`` it skips reading the run config (simulation).
+
+    Every message passes the site's audit trail (:mod:`fedpeft.client.trail`) on its way in
+    and out.
+    """
+    client_app = ClientApp(mods=[site_trail_mod(config)])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -53,6 +53,7 @@ from fedpeft.config import (
 )
 from fedpeft.export import BASE_DIR, describe_adapter, write_base
 from fedpeft.instructions import Signer, config_digest
+from fedpeft.lineage import adapter_sha256
 from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
 from fedpeft.privacy.signing import load_private_key
 from fedpeft.report import write_report
@@ -68,6 +69,7 @@ from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import Checkpoint, RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.strategies import Strategy, make_strategy
+from fedpeft.server.trail import CoordinatorTrail
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +171,7 @@ class Federation:
         )
         # how messages travel, for the report: TLS and node authentication as configured
         self.transport = {**(transport or {}), "signed": "yes" if self.signer else "no"}
+        self.audit_head: dict[str, Any] | None = None  # audit.jsonl's last line, checkpointed
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, round_number: int) -> None:
@@ -177,6 +180,7 @@ class Federation:
             "rng": self.rng.bit_generator.state,
             "privacy": self.privacy.state_dict(),
             "federation_id": self.federation_id,
+            "audit_head": self.audit_head,
         }
         self.run_dir.save_checkpoint(Checkpoint(round_number, self.global_flat, state))
 
@@ -345,6 +349,8 @@ class Federation:
             FEDERATION_FILE, {"federation_id": self.federation_id, "transport": self.transport}
         )
         write_base(self.run_dir.path / BASE_DIR, config.model)  # the base every adapter names
+        trail = CoordinatorTrail(self.run_dir.path)  # audit.jsonl (fedpeft.server.trail)
+        trail.start(config, federation_id=self.federation_id, next_round=self.next_round)
         self.progress.start(
             rounds=fed.rounds,
             sites=fed.num_sites,
@@ -368,7 +374,8 @@ class Federation:
             phases = {"nodes": time.perf_counter() - start}
             row.update(self.train_round(round_number, sampled))
             phases["train"] = time.perf_counter() - start - sum(phases.values())
-            row.update(self.evaluate_round(round_number, row.pop("contributors")))
+            contributors = row.pop("contributors")
+            row.update(self.evaluate_round(round_number, contributors))
             phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
             row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
             self.privacy.observe(round_number, row["site_metrics"], row["failures"])
@@ -377,9 +384,11 @@ class Federation:
             row["epsilon"] = epsilons
             row["epsilon_max"] = max(epsilons.values()) if epsilons else None
             row["seconds"] = time.perf_counter() - start
+            self.write_adapter()
+            row["adapter_sha256"] = adapter_sha256(self.run_dir.adapter_path)
             self.run_dir.append_metrics(row)
             self.run_dir.write_json("privacy.json", self.privacy.as_json())
-            self.write_adapter()
+            self.audit_head = trail.round(row, sampled=sampled, replied=contributors)
             self.checkpoint(round_number)
             self.next_round = round_number + 1
             self.write_report()

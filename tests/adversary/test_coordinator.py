@@ -655,3 +655,67 @@ def test_a_site_that_requires_secure_aggregation_refuses_plain_runs_and_small_su
             assert reply.error.reason == _fixed(K.ERR_SECAGG_REQUIRED)
         else:
             assert not reply.has_error()
+
+
+# --- the site's own audit trail -----------------------------------------------------------
+
+
+def _site_trail(tmp_path: Path) -> list[dict[str, Any]]:
+    from fedpeft.privacy.trail import read_trail
+
+    check = read_trail(tmp_path / "ledger.json.audit.jsonl")
+    assert check.ok, check.problem
+    return list(check.entries)
+
+
+def test_the_site_trail_logs_the_instruction_and_exactly_what_left(tmp_path: Path) -> None:
+    import hashlib
+
+    config = _config(tmp_path)
+    coordinator = Coordinator(config)
+    instruction = coordinator.train()
+    reply = _send(config, _node(tmp_path), instruction)
+    received, released = _site_trail(tmp_path)
+    assert received["event"] == "instruction" and released["event"] == "release"
+    assert (received["round"], received["federation_id"], received["task"]) == (
+        1,
+        FEDERATION,
+        K.TASK_TRAIN,
+    )
+    sent = instruction.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy().tobytes()
+    assert received["adapter_sha256"] == hashlib.sha256(sent).hexdigest()
+    wire = reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].data  # the bytes that left
+    assert released["arrays"] == {f"{K.ARRAYS}/{K.ARRAY_FLAT}": hashlib.sha256(wire).hexdigest()}
+    from fedpeft.client.trail import content_sha256
+
+    assert released["content_sha256"] == content_sha256(reply.content)
+    # a refusal: the same round evaluated with another adapter
+    other = coordinator.start + np.float32(0.01)
+    refused = _send(config, _node(tmp_path), coordinator.evaluate(other, round_number=2))
+    assert refused.has_error()
+    refusal = _site_trail(tmp_path)[-1]
+    assert refusal["event"] == "refusal"
+    assert refusal["code"] == refused.error.reason.split(":")[0] == K.ERR_EVALUATION_REFUSED
+
+
+def test_no_reply_changes_because_of_the_site_trail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path)
+    coordinator = Coordinator(config)
+    with_trail = _released(_send(config, _node(tmp_path), coordinator.train()))
+    assert len(_site_trail(tmp_path)) == 2
+    monkeypatch.setattr("fedpeft.client.trail.site_trail_path", lambda config, context: None)
+    # an identical retry repeats the identical release (charged once), now with no trail
+    without = _released(_send(config, _node(tmp_path), coordinator.train()))
+    assert len(_site_trail(tmp_path)) == 2
+    assert without == with_trail
+
+
+def test_a_site_whose_trail_cannot_be_written_releases_nothing(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "taken").mkdir()  # a folder where the trail file should be
+    node = _node(tmp_path, **{K.NODE_AUDIT_PATH: str(tmp_path / "taken")})
+    reply = _send(config, node, Coordinator(config).train())
+    assert reply.has_error() and reply.error.reason == _fixed(K.ERR_SITE_FAILED)
+    assert not (tmp_path / "ledger.json").exists() or _entries(tmp_path) == []

@@ -1,0 +1,191 @@
+"""``fedpeft verify`` on a real tiny federation: an untouched run verifies, each tampering fails.
+
+The federation (3 deployed sites, tiny BERT, DP on, 2 rounds, in process) runs once per
+module; every tamper test works on its own copy of the run directory and ledgers, changes one
+thing, and expects exactly the check that guards it to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedpeft import constants as K
+from fedpeft.cli import main
+from fedpeft.client.app import make_client_app
+from fedpeft.config import compose_config
+from fedpeft.server.app import run_federation
+from fedpeft.testing import InProcessGrid, write_classification_csv
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha:UserWarning"),
+]
+NODES = (11, 22, 33)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished federation: ``run/``, ``sites/ledger<node>.json`` and their audit trails."""
+    root = tmp_path_factory.mktemp("federation")
+    config = compose_config(
+        [
+            "experiment=tiny_private",
+            f"data.path={root / 'unused.csv'}",
+            "privacy.accountant=rdp",  # fast; the verifier recomputes with the same one
+        ]
+    )
+    (root / "sites").mkdir()
+    nodes: dict[int, dict[str, Any]] = {
+        node: {
+            K.NODE_DATA_PATH: str(
+                write_classification_csv(root / f"site{node}.csv", n=64, seed=node)
+            ),
+            K.NODE_LEDGER_PATH: str(root / "sites" / f"ledger{node}.json"),
+            K.NODE_EPSILON_MAX: 100.0,
+            K.NODE_DELTA: 1e-5,
+        }
+        for node in NODES
+    }
+    run_federation(InProcessGrid(make_client_app(config), nodes), config, run_dir=root / "run")
+    return root
+
+
+@pytest.fixture
+def copy(finished: Path, tmp_path: Path) -> Path:
+    shutil.copytree(finished / "run", tmp_path / "run")
+    shutil.copytree(finished / "sites", tmp_path / "sites")
+    return tmp_path
+
+
+def _args(root: Path, *, ledgers: bool = True, trails: bool = True) -> list[str]:
+    args = ["verify", str(root / "run")]
+    for node in NODES:
+        if ledgers:
+            args += ["--ledger", str(root / "sites" / f"ledger{node}.json")]
+        if trails:
+            args += ["--site-audit", str(root / "sites" / f"ledger{node}.json.audit.jsonl")]
+    return args
+
+
+def _verify(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, list[str]]:
+    code = main(args)
+    lines = capsys.readouterr().out.splitlines()
+    return code, [line for line in lines if line.startswith("FAIL")]
+
+
+def test_an_untouched_run_verifies(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(_args(copy))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "FAIL" not in out
+    # coordinator chain + anchor, 3 site chains, reported ε, 3 ledgers, ceilings, adapter
+    assert sum(line.startswith("ok") for line in out.splitlines()) == 11
+    assert "every line links to the one before" in out
+    assert "is the adapter logged after round 2" in out
+    code = main(_args(copy, ledgers=False, trails=False))  # privacy.json alone
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "from privacy.json's σ, q, steps" in out
+
+
+def test_an_edited_audit_line_fails_the_chain(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = copy / "run" / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[1])  # round 1
+    assert entry["event"] == "round"
+    entry["sampled"] = entry["sampled"][:1]
+    lines[1] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    path.write_text("\n".join(lines) + "\n")
+    code, fails = _verify(capsys, _args(copy))
+    assert code == 1
+    assert len(fails) == 1 and "audit.jsonl: line 3 does not follow line 2" in fails[0]
+
+
+def test_a_deleted_audit_line_fails_the_chain(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = copy / "run" / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    del lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    code, fails = _verify(capsys, _args(copy))
+    assert code == 1
+    assert any("line 2 does not follow line 1" in f for f in fails), fails
+
+
+def test_a_removed_last_audit_line_fails_the_anchor(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = copy / "run" / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    code, fails = _verify(capsys, _args(copy))
+    assert code == 1
+    assert any("were removed from its end" in f for f in fails), fails
+
+
+def test_a_changed_epsilon_in_privacy_json_fails(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = copy / "run" / "privacy.json"
+    privacy = json.loads(path.read_text())
+    privacy["sites"]["22"]["epsilon"] *= 0.5
+    path.write_text(json.dumps(privacy))
+    code, fails = _verify(capsys, _args(copy, trails=False))
+    assert code == 1
+    assert any("privacy.json and audit.jsonl differ (site 22" in f for f in fails), fails
+    assert any("ledger22.json: site 22 reported" in f and "recomputes" in f for f in fails), fails
+    code, fails = _verify(capsys, _args(copy, ledgers=False, trails=False))
+    assert code == 1
+    assert any("site 22 (from privacy.json" in f and "states" in f for f in fails), fails
+
+
+def test_a_changed_ledger_fails_its_recomputed_epsilon(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = copy / "sites" / "ledger33.json"
+    ledger = json.loads(path.read_text())
+    ledger["entries"][0]["noise_multiplier"] *= 2  # round 1 "had more noise": a smaller ε
+    path.write_text(json.dumps(ledger))
+    code, fails = _verify(capsys, _args(copy, trails=False))
+    assert code == 1
+    assert len(fails) == 1 and "ledger33.json: site 33 reported" in fails[0]
+    assert "recomputes" in fails[0]
+
+
+def test_a_swapped_adapter_fails(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = copy / "run" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    code, fails = _verify(capsys, _args(copy))
+    assert code == 1
+    assert len(fails) == 1 and "is not the adapter the federation produced" in fails[0]
+
+
+def test_an_edited_site_trail_fails(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = copy / "sites" / "ledger11.json.audit.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"round":1', '"round":7')
+    path.write_text("\n".join(lines) + "\n")
+    code, fails = _verify(capsys, _args(copy))
+    assert code == 1
+    assert (
+        len(fails) == 1 and "ledger11.json.audit.jsonl: line 2 does not follow line 1" in fails[0]
+    )
+
+
+def test_a_folder_that_is_no_run_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "is not a fedpeft run directory" in capsys.readouterr().err
