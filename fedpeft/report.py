@@ -35,6 +35,7 @@ from fedpeft import constants as K
 from fedpeft.config import ConfigError, FedPeftConfig, from_yaml
 from fedpeft.disclosure import RELEASES, SETTINGS, Release, Setting
 from fedpeft.lineage import ADAPTER_WEIGHTS, adapter_sha256, base_identity
+from fedpeft.server.trail import REFUSAL_CODES, reason_code
 
 __all__ = [
     "REFERENCE_FILE",
@@ -49,27 +50,7 @@ __all__ = [
 REPORT_FILE = "report.html"
 REFERENCE_FILE = "reference.json"  # a non-private run's rounds, for comparison
 
-# What a site refuses for its own rules (its error reply's code) as against what fails.
-REFUSAL_CODES = frozenset(
-    {
-        K.ERR_BUDGET,
-        K.ERR_LEDGER_REQUIRED,
-        K.ERR_CEILING_REQUIRED,
-        K.ERR_DP_REQUIRED,
-        K.ERR_DELTA,
-        K.ERR_DELTA_REQUIRED,
-        K.ERR_SECAGG_REQUIRED,
-        K.ERR_SIGNATURE,
-        K.ERR_RELEASE_MISMATCH,
-        K.ERR_EVALUATION_REFUSED,
-    }
-)
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-
-
-def failure_code(reason: str) -> str:
-    """The code a failure reason starts with (``budget-exceeded: …`` → ``budget-exceeded``)."""
-    return reason.split(":", 1)[0].strip()
 
 
 # --- SVG line charts --------------------------------------------------------------------
@@ -401,10 +382,10 @@ def _privacy(run: RunFiles) -> str:
 def _participation(row: dict[str, Any]) -> tuple[int, int, list[str], list[str]]:
     failures = {str(k): str(v) for k, v in (row.get("failures") or {}).items()}
     refused = sorted(
-        f"{failure_code(v)}" for v in failures.values() if failure_code(v) in REFUSAL_CODES
+        f"{reason_code(v)}" for v in failures.values() if reason_code(v) in REFUSAL_CODES
     )
     failed = sorted(
-        failure_code(v) for v in failures.values() if failure_code(v) not in REFUSAL_CODES
+        reason_code(v) for v in failures.values() if reason_code(v) not in REFUSAL_CODES
     )
     return int(row.get("sites_sampled", 0)), int(row.get("sites_replied", 0)), refused, failed
 
