@@ -233,10 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("run_dir")
     ver.add_argument(
-        "--ledger", action="append", help="a site's privacy ledger: recompute its ε (repeatable)"
+        "--ledger",
+        action="extend",
+        nargs="+",
+        metavar="FILE",
+        help="sites' privacy ledgers: recompute their ε (one or more; repeatable)",
     )
     ver.add_argument(
-        "--site-audit", action="append", help="a site's audit trail: check its chain (repeatable)"
+        "--site-audit",
+        action="extend",
+        nargs="+",
+        metavar="FILE",
+        help="sites' audit trails: check their chains (one or more; repeatable)",
     )
     ver.set_defaults(func=_verify)
     certs = sub.add_parser("certs", help="TLS: a CA and a SuperLink certificate signed by it")

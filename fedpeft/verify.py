@@ -6,7 +6,10 @@ used Flower; the command exits 1 if any check fails.
 1. **Coordinator audit trail** (``audit.jsonl``): every line links to the one before
    (:mod:`fedpeft.privacy.trail`), and it ends where the last checkpoint says it ended (a
    chain cannot show lines cut off its end by itself).
-2. **Site audit trails** (``--site-audit``): the same chain check for each file given.
+2. **Site audit trails** (``--site-audit``): the same chain check for each file given, and
+   the site's own record against the coordinator's: every round ``audit.jsonl`` counts the
+   site's update in is a round the site released one in, and every update the site released
+   is in a round ``audit.jsonl`` lists it as sampled in.
 3. **ε**:
    - the ε per site in the trail's last round equals ``privacy.json``'s;
    - with ``--ledger`` files: ε is recomputed with Opacus (:mod:`fedpeft.privacy.ledger`)
@@ -343,6 +346,82 @@ def _trail_nodes(path: Path, federation_id: str) -> set[str] | None:
     return found or None
 
 
+UPDATE_MESSAGES = ("train", "train.secagg_masked")  # the replies that carry a site's update
+
+
+def _site_update_rounds(entries: Sequence[dict[str, Any]], federation_id: str) -> set[int]:
+    """Rounds of ``federation_id`` in which the site's trail shows it released an update.
+
+    A release line follows its instruction line; the instruction says the task (a secure
+    round's masked stage serves training and evaluation alike) and the federation.
+    """
+    rounds: set[int] = set()
+    for before, entry in zip(entries, entries[1:], strict=False):
+        if (
+            entry.get("event") == "release"
+            and entry.get("message_type") in UPDATE_MESSAGES
+            and before.get("event") == "instruction"
+            and before.get("message_type") == entry.get("message_type")
+            and before.get("task", "train") == "train"
+            and before.get("federation_id") == federation_id
+        ):
+            rounds.add(int(entry["round"]))
+    return rounds
+
+
+def check_site_against_coordinator(
+    path: Path, coordinator: TrailCheck | None, federation_id: str
+) -> Verdict | None:
+    """The site's own record of its updates against what ``audit.jsonl`` says of that site.
+
+    Every round the coordinator lists the site as a contributor must be a round the site
+    released an update in, and every update the site released must be in a round in which
+    the coordinator lists it as sampled: an instruction the coordinator sent but did not
+    log (a hidden extra release) fails here. None when the trail names no node of this
+    federation or a chain is already broken (its own verdict says so).
+    """
+    if coordinator is None or not coordinator.ok or not path.is_file():
+        return None
+    site = read_trail(path)
+    if not site.ok:
+        return None
+    nodes = {
+        str(e["node_id"])
+        for e in site.entries
+        if e.get("event") == "instruction"
+        and e.get("federation_id") == federation_id
+        and e.get("node_id") is not None
+    }
+    if len(nodes) != 1:
+        return None
+    (node,) = nodes
+    released = _site_update_rounds(list(site.entries), federation_id)
+    logged = [e for e in coordinator.entries if e.get("event") == "round"]
+    replied = {int(e["round"]) for e in logged if node in map(str, e.get("replied", []))}
+    sampled = {int(e["round"]) for e in logged if node in map(str, e.get("sampled", []))}
+    what = f"site {node}: its trail {path} against {AUDIT_FILE}"
+    claimed = sorted(replied - released)
+    hidden = sorted(released - sampled)
+    if claimed or hidden:
+        problems = []
+        if claimed:
+            problems.append(
+                f"{AUDIT_FILE} counts its update in round(s) {claimed}, which its own trail "
+                "shows no update for"
+            )
+        if hidden:
+            problems.append(
+                f"the site released an update in round(s) {hidden}, which {AUDIT_FILE} does not "
+                "list it as sampled in (an instruction the coordinator did not log)"
+            )
+        return Verdict(False, f"{what}: " + "; ".join(problems))
+    return Verdict(
+        True,
+        f"{what}: the site released updates in round(s) {sorted(released)}; the coordinator "
+        f"logged it as sampled in {sorted(sampled)} and counted it in {sorted(replied)}",
+    )
+
+
 def check_ceilings(privacy: dict[str, Any]) -> Verdict:
     over = [
         f"site {n}: ε={s['epsilon']:.6g} > ceiling {s['epsilon_ceiling']}"
@@ -375,6 +454,10 @@ def verify_run(
     federation_id = str(_json(federation_file)["federation_id"])
     verdicts, check = check_coordinator_trail(run_dir)
     verdicts += [check_site_trail(Path(p)) for p in site_trails]
+    for p in site_trails:
+        cross = check_site_against_coordinator(Path(p), check, federation_id)
+        if cross is not None:
+            verdicts.append(cross)
     last = _last_round(check)
     privacy_file = run_dir / "privacy.json"
     privacy: dict[str, Any] = _json(privacy_file) if privacy_file.is_file() else {}

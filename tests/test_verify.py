@@ -85,14 +85,20 @@ def test_an_untouched_run_verifies(copy: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert code == 0, out
     assert "FAIL" not in out
-    # coordinator chain + anchor, 3 site chains, reported ε, 3 ledgers, ceilings, adapter
-    assert sum(line.startswith("ok") for line in out.splitlines()) == 11
+    # coordinator chain + anchor, 3 site chains, 3 sites against the coordinator's log,
+    # reported ε, 3 ledgers, ceilings, adapter
+    assert sum(line.startswith("ok") for line in out.splitlines()) == 14
+    assert out.count("the site released updates in round(s) [1, 2]") == len(NODES)
     assert "every line links to the one before" in out
     assert "is the adapter logged after round 2" in out
     code = main(_args(copy, ledgers=False, trails=False))  # privacy.json alone
     out = capsys.readouterr().out
     assert code == 0, out
     assert "from privacy.json's σ, q, steps" in out
+    # one flag before several files, as a shell glob gives them
+    ledgers = [str(root) for root in sorted((copy / "sites").glob("ledger*.json"))]
+    assert main(["verify", str(copy / "run"), "--ledger", *ledgers]) == 0
+    assert capsys.readouterr().out.count("recomputed with Opacus") == len(NODES)
 
 
 def test_an_edited_audit_line_fails_the_chain(
@@ -189,3 +195,66 @@ def test_a_folder_that_is_no_run_is_a_usage_error(
 ) -> None:
     assert main(["verify", str(tmp_path)]) == 2
     assert "is not a fedpeft run directory" in capsys.readouterr().err
+
+
+def _rewrite_coordinator_log(run: Path, edit: Any) -> None:
+    """Play a coordinator who rewrites audit.jsonl whole: ``edit`` changes the round lines,
+    every hash is recomputed and the last checkpoint's anchor moved to the new head, so the
+    chain and the anchor both verify; only the sites' own trails can contradict it."""
+    from fedpeft.privacy.trail import GENESIS, canonical_line, line_sha256
+
+    lines = [json.loads(x) for x in (run / "audit.jsonl").read_text().splitlines()]
+    prev, out = GENESIS, []
+    for entry in lines:
+        if entry["event"] == "round":
+            edit(entry)
+        entry["prev"] = prev
+        raw = canonical_line(entry)
+        prev = line_sha256(raw)
+        out.append(raw.decode())
+    (run / "audit.jsonl").write_text("\n".join(out) + "\n")
+    state_file = sorted((run / "checkpoints").glob("round-*"))[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    state["audit_head"] = {"lines": len(out), "sha256": prev}
+    state_file.write_text(json.dumps(state))
+
+
+def test_a_rewritten_coordinator_log_is_caught_by_the_sites_trails(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hidden = str(NODES[0])
+
+    def hide(entry: dict[str, Any]) -> None:  # round 2's instruction to site 11 "never sent"
+        if entry["round"] == 2:
+            entry["sampled"] = [n for n in entry["sampled"] if n != hidden]
+            entry["replied"] = [n for n in entry["replied"] if n != hidden]
+
+    _rewrite_coordinator_log(copy / "run", hide)
+    code, fails = _verify(capsys, _args(copy, ledgers=False, trails=False))
+    assert code == 0 and fails == []  # the rewritten log alone is self-consistent
+    code, fails = _verify(capsys, _args(copy, ledgers=False))
+    assert code == 1 and len(fails) == 1, fails
+    assert f"site {hidden}" in fails[0]
+    assert "released an update in round(s) [2], which audit.jsonl does not list" in fails[0]
+
+
+def test_a_coordinator_log_that_claims_an_update_the_site_never_sent_fails(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ghost = str(NODES[1])
+    trail = copy / "sites" / f"ledger{ghost}.json.audit.jsonl"
+    entries = [json.loads(x) for x in trail.read_text().splitlines()]
+    # the site's own trail ends after round 1: as if it never took part in round 2
+    first = [e for e in entries if str(e.get("round")) != "2"]
+    from fedpeft.privacy.trail import GENESIS, canonical_line, line_sha256
+
+    prev, out = GENESIS, []
+    for entry in first:
+        entry["prev"], entry["seq"] = prev, len(out) + 1
+        raw = canonical_line(entry)
+        prev = line_sha256(raw)
+        out.append(raw.decode())
+    trail.write_text("\n".join(out) + "\n")
+    code, fails = _verify(capsys, _args(copy, ledgers=False))
+    assert code == 1 and len(fails) == 1, fails
+    assert "counts its update in round(s) [2], which its own trail shows no update for" in fails[0]

@@ -235,9 +235,18 @@ class Federation:
         self.next_round = checkpoint.round + 1
         logger.info("resuming %s after round %d", where, checkpoint.round)
 
-    def write_adapter(self) -> None:
+    def write_round(self, row: dict[str, Any]) -> None:
+        """Write a finished round: adapter (hash in ``row``), metrics, privacy.json, card.
+
+        The adapter is saved to a temporary folder first so that its hash goes into the
+        round's metrics row, and the model card (which reads that row) is written beside it
+        before the folder replaces ``adapter/``: card and adapter change together.
+        """
         tmp = self.run_dir.adapter_writer()
         save_adapter(self.loaded, self.global_flat, tmp)
+        row["adapter_sha256"] = adapter_sha256(tmp)
+        self.run_dir.append_metrics(row)
+        self.run_dir.write_json("privacy.json", self.privacy.as_json())
         describe_adapter(tmp, self.run_dir.path)  # names RUN_DIR/base; model card README.md
         self.run_dir.commit_adapter(tmp)
 
@@ -384,10 +393,7 @@ class Federation:
             row["epsilon"] = epsilons
             row["epsilon_max"] = max(epsilons.values()) if epsilons else None
             row["seconds"] = time.perf_counter() - start
-            self.write_adapter()
-            row["adapter_sha256"] = adapter_sha256(self.run_dir.adapter_path)
-            self.run_dir.append_metrics(row)
-            self.run_dir.write_json("privacy.json", self.privacy.as_json())
+            self.write_round(row)
             self.audit_head = trail.round(row, sampled=sampled, replied=contributors)
             self.checkpoint(round_number)
             self.next_round = round_number + 1
