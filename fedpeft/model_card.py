@@ -206,11 +206,19 @@ def _privacy_full(inputs: CardInputs) -> list[str]:
             ]
             lines.append("| " + " | ".join(_num(c) for c in cells) + " |")
     if secagg.get("enabled"):
+        # k and t as the server resolved them each round (metrics.jsonl), not the settings'
+        # None ("SecAgg+'s default for the number of sampled sites")
+        resolved = [r["secagg_params"] for r in inputs.rows if r.get("secagg_params")]
+
+        def per_round(key: str) -> str:
+            values = sorted({int(p[key]) for p in resolved})
+            return " / ".join(str(v) for v in values) if values else _num(secagg.get(key))
+
         lines += [
             "",
             f"- Secure aggregation (SecAgg+): the coordinator saw {_text(secagg['server_sees'])}; "
-            f"neighbours k = {_num(secagg.get('num_neighbours'))} (None: SecAgg+'s default), "
-            f"threshold t = {_num(secagg.get('threshold'))}, clip range "
+            f"neighbours k = {per_round('num_neighbours')}, threshold t = "
+            f"{per_round('threshold')} (as resolved in the rounds run), clip range "
             f"{_num(secagg.get('clip_range'))}, sites weighted {secagg.get('weighting')}.",
         ]
     else:

@@ -291,6 +291,8 @@ def test_private_secure_card_states_the_guarantee_and_carries_declarations(
     assert "differential-privacy" in meta["tags"] and "secure-aggregation" in meta["tags"]
     assert f"(ε ≤ {max(epsilons):.3g}, δ ≤ 1e-05)-differential privacy" in body
     assert "Secure aggregation (SecAgg+)" in body
+    # k and t as resolved for the 3 sampled sites (complete graph, t = 2), not "None"
+    assert "neighbours k = 2, threshold t = 2 (as resolved in the rounds run)" in body
     for node in NODES:
         assert f"site {node} notes" in body
     assert json.loads((run_dir / "sites.json").read_text())["sites"]["11"]["declared"] == {

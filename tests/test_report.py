@@ -247,3 +247,14 @@ def test_the_report_renders_in_a_headless_browser(run_dir: Path, tmp_path: Path)
     keep = os.environ.get("FEDPEFT_REPORT_PNG")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_transport_is_declared_by_the_coordinator_not_claimed_as_observed() -> None:
+    from fedpeft.server.app import SIMULATED_TRANSPORT, declared_transport
+
+    found = declared_transport({K.RUN_TRANSPORT_TLS: "on: fedpeft certs", "other": 1})
+    assert found["tls"].startswith("on: fedpeft certs (declared by the coordinator;")
+    assert found["node_auth"] == (
+        f"not declared (run config {K.RUN_TRANSPORT_NODE_AUTH}); check the SuperLink's command line"
+    )
+    assert "not applicable" in SIMULATED_TRANSPORT["tls"]
