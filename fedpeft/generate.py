@@ -30,6 +30,8 @@ from fedpeft.config import ConfigError, FedPeftConfig
 
 if TYPE_CHECKING:  # imported where used: the ClientApp loads this module per message
     import datasets
+    import torch
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
@@ -128,7 +130,7 @@ def published_prompts(
 
 
 def generate_answers(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
@@ -159,7 +161,8 @@ def generate_answers(
                 ids = ids[-max_prompt_tokens:]
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, L)
             with torch.no_grad():
-                out = model.generate(
+                # PeftModel forwards generate to the base model (stubs do not say so)
+                out = model.generate(  # type: ignore[operator]
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     max_new_tokens=max_new_tokens,
@@ -167,7 +170,8 @@ def generate_answers(
                     num_beams=1,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+            new_tokens = out[0, len(ids) :]  # (T,) the answer after the prompt
+            answers.append(str(tokenizer.decode(new_tokens, skip_special_tokens=True)))
     finally:
         model.train(was_training)
     return tuple(answers)
@@ -195,7 +199,7 @@ def _folders(folder: Path) -> tuple[Path, Path | None]:
 
 def load_folder(
     folder: str | Path, *, device: str = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """The causal LM in ``folder`` and its tokenizer, loaded with plain transformers + peft.
 
     Raises
@@ -215,14 +219,13 @@ def load_folder(
             "causal LM (a run with model.task=causal_lm)"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base))
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(base))
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    model.to(resolve_device(device))
-    model.eval()
-    return model, tokenizer
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer  # type: ignore[return-value]  # a causal LM, checked above
 
 
 def answer(
