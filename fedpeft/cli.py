@@ -1,6 +1,7 @@
 """The ``fedpeft`` command: ``simulate`` a federation, ``audit`` its DP-SGD's ε from below
 (:mod:`fedpeft.audit`), ``report`` a run for a privacy officer (:mod:`fedpeft.report`),
-``export`` its adapter (:mod:`fedpeft.export`), make ``certs`` and ``keys`` for a real
+``export`` its adapter (:mod:`fedpeft.export`) and ``generate`` with it
+(:mod:`fedpeft.generate`), make ``certs`` and ``keys`` for a real
 deployment (:mod:`fedpeft.deploy`), and serve a site's SuperNode with a long-lived ClientApp
 ``worker`` (:mod:`fedpeft.client.worker`).
 
@@ -45,6 +46,13 @@ def _export(args: argparse.Namespace) -> int:
             f"adapter (PEFT format), model card (README.md) and its base model (base/) "
             f"written to {result.out}"
         )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedpeft.generate import answer
+
+    print(answer(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
     return 0
 
 
@@ -227,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new folder to write")
     exp.add_argument("--merge", action="store_true", help="merge LoRA into the base model")
     exp.set_defaults(func=_export)
+    gen = sub.add_parser(
+        "generate",
+        help="answer a prompt greedily with an exported causal LM (adapter + base/, --merge "
+        "folder, or run directory), loaded with plain transformers + peft",
+    )
+    gen.add_argument("dir", help="a 'fedpeft export' folder or a run directory")
+    gen.add_argument("prompt", help="the prompt (formatted as in training: chat template or '\\n')")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)"
+    )
+    gen.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default cpu)")
+    gen.set_defaults(func=_generate)
     ver = sub.add_parser(
         "verify",
         help="re-check a run's hash chains, every ε (Opacus) and its adapter; exit 1 on a mismatch",

@@ -95,6 +95,11 @@ class DataConfig:
     max_examples: int | None = None
     # Cap on each site's held-out split, to keep evaluation cheap (None: all of it).
     max_eval_examples: int | None = 200
+    # Simulation partitions only (causal LM): each virtual site publishes the prompts of its
+    # first K held-out examples and sends the global adapter's answers to them with each
+    # evaluation (fedpeft.generate). A deployed site publishes only what its node config
+    # eval-prompts names; this setting does not reach it.
+    eval_prompts: int = 0
 
 
 @dataclass
@@ -106,6 +111,8 @@ class TrainConfig:
     # Poisson, of mean privacy.sample_rate · N; dividing by that would reveal N).
     batch_size: int = 64
     eval_batch_size: int = 64
+    # Causal LM: the longest greedy answer (in tokens) a site generates for a published prompt
+    eval_max_new_tokens: int = 32
     lr: float = 2e-3
     # learning rate of the classifier head (null: train.lr); see fedpeft.client.train
     head_lr: float | None = None
@@ -280,6 +287,7 @@ def from_yaml(text: str) -> FedPeftConfig:
 
 
 def _problems(config: FedPeftConfig) -> list[str]:
+    from fedpeft.constants import EVAL_PROMPTS_MAX, MAX_NEW_TOKENS_MAX
     from fedpeft.data import DATASETS
     from fedpeft.model import MODEL_LOADERS
     from fedpeft.server.strategies import SERVER_OPTIMIZERS, STRATEGIES
@@ -309,6 +317,16 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (d.dataset in DATASETS, f"data.dataset={d.dataset!r}: allowed {sorted(DATASETS)}"),
         (d.dataset != "file" or bool(d.path), "data.dataset=file needs data.path=/a/file.csv"),
         (0.0 < d.test_fraction < 1.0, f"data.test_fraction={d.test_fraction}: must be in (0, 1)"),
+        (
+            0 <= d.eval_prompts <= EVAL_PROMPTS_MAX,
+            f"data.eval_prompts={d.eval_prompts}: must be in [0, {EVAL_PROMPTS_MAX}] (the held-out "
+            "prompts each simulated site publishes; 0: none)",
+        ),
+        (
+            1 <= t.eval_max_new_tokens <= MAX_NEW_TOKENS_MAX,
+            f"train.eval_max_new_tokens={t.eval_max_new_tokens}: must be in "
+            f"[1, {MAX_NEW_TOKENS_MAX}] (the longest generated answer, in tokens)",
+        ),
         (t.local_steps >= 1, f"train.local_steps={t.local_steps}: must be >= 1"),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
         (t.lr > 0, f"train.lr={t.lr}: must be > 0"),

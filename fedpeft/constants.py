@@ -46,6 +46,15 @@ NODE_SITE_ROWS = "site-rows"  # a row count the site opts to publish (never sent
 SITE_DECLARATION_KEYS = (NODE_SITE_DESCRIPTION, NODE_SITE_LICENSE, NODE_SITE_ROWS)
 SITE_TEXT_MAX = 2000
 SITE_LICENSE_MAX = 100
+# Prompts a site publishes (fedpeft.generate): a .txt (one prompt a line) or .jsonl file.
+# With each plain evaluation of a causal LM it sends the global adapter's greedy answers to
+# them, in the clear (never under secure aggregation). Unset: it generates nothing. Bounded
+# so that a published set stays a handful of texts a person reads, not a data release.
+NODE_EVAL_PROMPTS = "eval-prompts"
+EVAL_PROMPTS_MAX = 16
+EVAL_PROMPT_CHARS_MAX = 1000
+# train.eval_max_new_tokens: the longest answer (in tokens) a site generates
+MAX_NEW_TOKENS_MAX = 256
 
 # --- message record keys ------------------------------------------------------------------
 ARRAYS = "adapter"  # ArrayRecord: one flat float32 array under ARRAY_FLAT
@@ -56,6 +65,11 @@ LAYOUT = "layout"  # ConfigRecord: names and element counts of the flat array's 
 # ConfigRecord, site → server with a train reply: the node-config keys of
 # SITE_DECLARATION_KEYS the site set, under those names (absent when it set none)
 DECLARATION = "declaration"
+# ConfigRecord, site → server with a plain evaluate reply: the site's published prompts and
+# the global adapter's answers, as two lists of str of equal length (absent: none published)
+GENERATIONS = "generations"
+GEN_PROMPTS = "prompts"
+GEN_ANSWERS = "answers"
 
 # ConfigRecord entries, server → site
 CFG_ROUND = "round"

@@ -227,6 +227,31 @@ class TokenizedDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
         return self.items[index]
 
 
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text a causal LM reads before its answer; training and generation share it.
+
+    With a chat template: the prompt as the user's turn plus the generation prompt
+    (``apply_chat_template``); without one: the prompt and a newline.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+    return prompt + "\n"
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of :func:`format_prompt`, after BOS unless the formatted text begins with it:
+    exactly what precedes the response in a training example, and what generation feeds."""
+    text = format_prompt(tokenizer, prompt)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is not None and not (isinstance(bos_text, str) and text.startswith(bos_text)):
+        ids = [bos, *ids]
+    return ids
+
+
 def tokenize(
     table: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -244,13 +269,12 @@ def tokenize(
             input_ids = torch.tensor(ids, dtype=torch.long)
             items.append((input_ids, torch.ones_like(input_ids), torch.tensor(int(label))))
         return TokenizedDataset(items)
-    prompts = tokenizer([str(p) + "\n" for p in table[first]], add_special_tokens=False)
+    prompts = [prompt_ids(tokenizer, str(p)) for p in table[first]]
     responses = tokenizer([str(r) for r in table[second]], add_special_tokens=False)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for p_ids, r_ids in zip(prompts["input_ids"], responses["input_ids"], strict=True):
-        ids = (bos + p_ids + r_ids + eos)[:max_length]
-        labels = ([IGNORE_INDEX] * (len(bos) + len(p_ids)) + r_ids + eos)[:max_length]
+    for p_ids, r_ids in zip(prompts, responses["input_ids"], strict=True):
+        ids = (p_ids + r_ids + eos)[:max_length]
+        labels = ([IGNORE_INDEX] * len(p_ids) + r_ids + eos)[:max_length]
         input_ids = torch.tensor(ids, dtype=torch.long)
         items.append((input_ids, torch.ones_like(input_ids), torch.tensor(labels)))
     return TokenizedDataset(items)

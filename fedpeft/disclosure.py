@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedpeft import constants as K
+
 __all__ = ["RELEASES", "SETTINGS", "Release", "Setting", "markdown_table"]
 
 
@@ -53,6 +55,16 @@ RELEASES: tuple[Release, ...] = (
         "(its ledger records the evaluation's binding)",
         "secure aggregation on: only inside a secure sum of the evaluating sites; off: per "
         "site, with the held-out count. Not DP",
+    ),
+    Release(
+        "generated answers to the prompts the site publishes (node config `eval-prompts`; "
+        "causal LM)",
+        "with a plain evaluation (bound like the figures: once per round the site trained, one "
+        "adapter; the prompts enter the binding), only when the node config names prompts; "
+        "prompts in the coordinator's instruction are never read",
+        "none for the prompts: the site publishes them; the answers are greedy (at most "
+        "`train.eval_max_new_tokens` tokens) from the global adapter. Secure aggregation on: "
+        "never sent (a text cannot be summed)",
     ),
     Release(
         "train loss",
@@ -115,6 +127,14 @@ SETTINGS: tuple[Setting, ...] = (
         "site",
         "a deployed site's held-out split (default 0.2, 200), the same in every run; the run's "
         "`data.test_fraction` / `data.max_eval_examples` apply to simulations only",
+    ),
+    Setting(
+        "`eval-prompts`",
+        "site",
+        f"optional: a .txt / .jsonl file of at most {K.EVAL_PROMPTS_MAX} prompts (each at most "
+        f"{K.EVAL_PROMPT_CHARS_MAX} characters) the site answers in the clear; unset: no text. "
+        "The run's `data.eval_prompts` (the first K held-out prompts) applies to simulations "
+        "only",
     ),
     Setting(
         "`coordinator-public-key`",

@@ -279,6 +279,17 @@ def _evaluation(inputs: CardInputs) -> list[str]:
             row.get("epsilon_max"),
         ]
         lines.append("| " + " | ".join(_num(c) for c in cells) + " |")
+    answered = [r for r in inputs.rows if r.get("eval_generations")]
+    if causal and answered:
+        lines += [
+            "",
+            f"Generated answers: {answered[-1]['eval_generations']} greedy answer(s) of the "
+            f"global adapter after round {answered[-1]['round']} (at most "
+            f"`train.eval_max_new_tokens`={inputs.config.train.eval_max_new_tokens} tokens) "
+            "to the prompts sites published (node config `eval-prompts`) are in the run "
+            "directory's `generations.jsonl` and `report.html`, every round's. They are not "
+            "copied here: a site published its prompts to the federation, not with the model.",
+        ]
     return lines
 
 
@@ -335,7 +346,26 @@ def _loading(inputs: CardInputs) -> list[str]:
             'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         ]
         where = "This folder holds the base model with the LoRA adapter merged in."
+    if not classification:
+        code += [
+            "",
+            "# the prompt as in training: the chat template's user turn when the tokenizer",
+            '# has one, else "<bos>" + prompt + "\\n" (fedpeft.data.format_prompt)',
+            'ids = tokenizer("Your prompt\\n", return_tensors="pt").input_ids',
+            "if tokenizer.chat_template:",
+            "    ids = tokenizer.apply_chat_template(",
+            '        [{"role": "user", "content": "Your prompt"}],',
+            '        add_generation_prompt=True, return_tensors="pt", return_dict=True,',
+            "    ).input_ids",
+            "elif tokenizer.bos_token_id is not None and ids[0, 0] != tokenizer.bos_token_id:",
+            "    ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)",
+            "out = model.generate(input_ids=ids, max_new_tokens=64, do_sample=False)",
+            "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        ]
+        code.insert(0, "import torch")
     lines = [where, "", "```python", *code, "```"]
+    if not classification:
+        lines += ["", 'Or, with fedpeft installed: `fedpeft generate FOLDER "Your prompt"`.']
     if inputs.custom_code:
         lines += [
             "",

@@ -2,11 +2,12 @@
 
 Written after every round by the ServerApp and on demand by ``fedpeft report RUN_DIR``, from
 the run directory's own files only (``config.yaml``, ``metrics.jsonl``, ``privacy.json``,
-``federation.json``, optionally ``reference.json``), so the page shows what the machine files
-say and nothing else. It holds:
+``federation.json``, optionally ``reference.json`` and ``generations.jsonl``), so the page shows
+what the machine files say and nothing else. It holds:
 
 - quality per round (accuracy and loss, or perplexity), beside a non-private reference run
   when ``reference.json`` exists (``fedpeft report RUN_DIR --reference OTHER_RUN`` writes it);
+- the latest round's generated answers per publishing site, when the run has any;
 - ε spent per site per round against each site's ceiling;
 - bytes up and down, and sites sampled / replied / dropped / refused / failed per round;
 - the settings that make the guarantee (accountant, δ, C, σ, q, steps, SecAgg+ k / t, transport);
@@ -497,6 +498,26 @@ def _guarantee(run: RunFiles) -> str:
     )
 
 
+def _generations(run: RunFiles) -> str:
+    """The latest round's (prompt, answer) per publishing site; empty without any."""
+    from fedpeft.server.rundir import read_generations
+
+    rows = read_generations(run.path)
+    if not rows:
+        return ""
+    latest = max(int(r["round"]) for r in rows)
+    shown = [[r["site"], r["prompt"], r["answer"]] for r in rows if r["round"] == latest]
+    tokens = run.config.train.eval_max_new_tokens
+    return (
+        '<section id="generations"><h2>Generated answers</h2>'
+        f"<p>Greedy answers (at most {tokens} tokens) of the global adapter after round "
+        f"{latest}, generated at each site on the prompts it chose to publish (node config "
+        "<code>eval-prompts</code>); a site that published none sent no text, and none is sent "
+        "under secure aggregation. Every round's are in <code>generations.jsonl</code>.</p>"
+        f"{_table(['site', 'prompt', 'answer'], shown, cls='generations')}</section>"
+    )
+
+
 def _disclosure() -> str:
     def rows(items: Sequence[Release] | Sequence[Setting]) -> list[list[str]]:
         return [[getattr(r, f) for f in r.__dataclass_fields__] for r in items]
@@ -558,6 +579,7 @@ def render_report(run_dir: str | Path) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         _quality(run),
+        _generations(run),
         _privacy(run),
         _traffic(run),
         _guarantee(run),

@@ -20,7 +20,8 @@ from tests.conftest import tiny_config
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
 def test_three_sites_two_rounds(task: str, cls_csv: Path, lm_jsonl: Path, tmp_path: Path) -> None:
     data = cls_csv if task == "classification" else lm_jsonl
-    config = tiny_config(task, data, f"output_dir={tmp_path / 'run'}")
+    extra = ("data.eval_prompts=2", "train.eval_max_new_tokens=4") if task == "causal_lm" else ()
+    config = tiny_config(task, data, f"output_dir={tmp_path / 'run'}", *extra)
     result = simulate(config)
     run_dir = tmp_path / "run"
     assert result.run_dir == run_dir
@@ -42,6 +43,10 @@ def test_three_sites_two_rounds(task: str, cls_csv: Path, lm_jsonl: Path, tmp_pa
         assert 0.0 <= row["eval_accuracy"] <= 1.0 and row["seconds"] > 0
     if task == "causal_lm":
         assert rows[-1]["eval_perplexity"] == pytest.approx(np.exp(rows[-1]["eval_loss"]))
+        # data.eval_prompts=2: every virtual site answers its first two held-out prompts
+        answers = (run_dir / "generations.jsonl").read_text().splitlines()
+        per_round = [sum(json.loads(a)["round"] == n for a in answers) for n in (1, 2)]
+        assert per_round == [3 * 2, 3 * 2]
 
     # config.yaml is the resolved configuration and parses back to the same one
     assert from_yaml((run_dir / "config.yaml").read_text()) == config

@@ -29,6 +29,9 @@ What leaves the site, and why nothing else does (README, "What leaves a site"):
 - an evaluation is made at most once per round the site was charged for, of one adapter
   (the ledger records it); under secure aggregation its figures go only inside a secure sum
   (:data:`fedpeft.constants.TASK_EVALUATE`), never in the clear;
+- a plain evaluation of a causal LM carries the global adapter's greedy answers to the
+  prompts the site published (node config ``eval-prompts``; :mod:`fedpeft.generate`), and
+  nothing when it published none; a secure evaluation never carries a text;
 - an error reply carries a fixed code and message (:mod:`fedpeft.client.errors`).
 
 Before anything is charged, the site checks its own rules (:mod:`fedpeft.client.privacy`)
@@ -278,9 +281,18 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     )
 
 
-def _evaluate(msg: Message, site: Site, *, session: str = "") -> tuple[EvalResult, str]:
+@dataclass(frozen=True)
+class Evaluation:
+    """A site's evaluation of one adapter: its figures, digest, and generated answers."""
+
+    result: EvalResult
+    digest: str  # SHA-256 of the evaluated (rank-sliced) adapter
+    answers: tuple[str, ...] = ()  # to site.prompts, in order; empty: none generated
+
+
+def _evaluate(msg: Message, site: Site, *, session: str = "", generate: bool = False) -> Evaluation:
     """Evaluate the instruction's adapter on the held-out split, within the site's bound;
-    return the figures and the adapter's digest.
+    with ``generate``, also answer the site's published prompts (``site.prompts``) greedily.
 
     Under DP the site evaluates only a round it was charged for, and once per round
     (recorded in its ledger before evaluating): held-out figures are not DP, so they are
@@ -288,6 +300,11 @@ def _evaluate(msg: Message, site: Site, *, session: str = "") -> tuple[EvalResul
     the adapter and every setting that shapes the figures — so the same round asked again
     with another adapter *or* other settings (the eval cap, the model's length, …) is refused,
     and an identical retry repeats the identical figures.
+
+    The published prompts enter that binding when answers are generated: prompts come only
+    from the site's own node config (or, in a simulation, its held-out split), never from the
+    instruction, and their answers are bounded like the figures — once per trained round, of
+    one adapter, at ``train.eval_max_new_tokens`` tokens each.
     """
     from fedpeft.client.privacy import site_privacy
     from fedpeft.client.train import evaluate_local
@@ -297,6 +314,7 @@ def _evaluate(msg: Message, site: Site, *, session: str = "") -> tuple[EvalResul
     require_privacy(site.config, site_rules(site.node_config))
     global_flat = _global_flat(msg, site)
     digest = adapter_digest(global_flat.tobytes())
+    prompts = site.prompts if generate else ()
     if site.config.privacy.enabled:
         privacy = site_privacy(
             site.config,
@@ -312,7 +330,11 @@ def _evaluate(msg: Message, site: Site, *, session: str = "") -> tuple[EvalResul
             adapter_sha256=digest,
             trained_names=(),
             # a second secure session for the round is a second evaluation: refused
-            settings={**release_settings(site, None), "secagg_session": session},
+            settings={
+                **release_settings(site, None),
+                "secagg_session": session,
+                **({"published_prompts": list(prompts)} if prompts else {}),
+            },
         )
         privacy.ledger.record_evaluation(run_id=run_id, round=round_number, adapter=evaluation)
     result = evaluate_local(
@@ -322,7 +344,19 @@ def _evaluate(msg: Message, site: Site, *, session: str = "") -> tuple[EvalResul
         batch_size=site.config.train.eval_batch_size,
         device=site.device,
     )
-    return result, digest
+    answers: tuple[str, ...] = ()
+    if prompts:
+        from fedpeft.generate import generate_answers
+
+        # evaluate_local left the global adapter set on the site's model, on site.device
+        answers = generate_answers(
+            site.loaded.peft_model,
+            site.loaded.tokenizer,
+            prompts,
+            max_new_tokens=site.config.train.eval_max_new_tokens,
+            max_prompt_tokens=site.config.model.max_length,
+        )
+    return Evaluation(result=result, digest=digest, answers=answers)
 
 
 def secure_evaluation(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
@@ -333,7 +367,10 @@ def secure_evaluation(msg: Message, site: Site, *, session: str = "") -> LocalUp
     quantisation keeps it, and the server learns only the sums — the mean accuracy and loss
     over the sites that evaluated, and how many did.
     """
-    result, digest = _evaluate(msg, site, session=session)
+    # no generated answers: a text cannot be summed, and in the clear it would be a per-site
+    # release beside the secure sum (README, "What leaves a site")
+    evaluation = _evaluate(msg, site, session=session)
+    result, digest = evaluation.result, evaluation.digest
     c = float(site.config.secagg.clip_range)
     if result.num_examples == 0 or not (
         math.isfinite(result.loss) and math.isfinite(result.accuracy)
@@ -392,8 +429,9 @@ def handle_evaluate(msg: Message, site: Site) -> RecordDict:
             "a plain evaluate message under secure aggregation: per-site figures would leave "
             "the site in the clear; only a secure evaluation is answered",
         )
-    result, _ = _evaluate(msg, site)
-    return RecordDict(
+    evaluation = _evaluate(msg, site, generate=True)
+    result = evaluation.result
+    content = RecordDict(
         {
             K.METRICS: MetricRecord(
                 {
@@ -404,6 +442,11 @@ def handle_evaluate(msg: Message, site: Site) -> RecordDict:
             )
         }
     )
+    if evaluation.answers:  # only for prompts the site published (fedpeft.generate)
+        content[K.GENERATIONS] = ConfigRecord(
+            {K.GEN_PROMPTS: list(site.prompts), K.GEN_ANSWERS: list(evaluation.answers)}
+        )
+    return content
 
 
 def _answer(

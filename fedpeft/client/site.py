@@ -3,9 +3,10 @@
 This module owns *where a site's resources come from*: the composed configuration,
 the node config its operator set (data path, device), the base model with its adapter
 (loaded once per process and reused across rounds and runs, at the LoRA rank the site
-declares with node config ``lora-rank``, see :mod:`fedpeft.ranks`), and the site's tokenised
-train / held-out splits. In a simulation a site's data is one partition of a shared
-dataset; at a real site it is the operator's own file.
+declares with node config ``lora-rank``, see :mod:`fedpeft.ranks`), the site's tokenised
+train / held-out splits, and the prompts it publishes (:mod:`fedpeft.generate`). In a
+simulation a site's data is one partition of a shared dataset; at a real site it is the
+operator's own file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedpeft.data import (
     split_site,
     tokenize,
 )
+from fedpeft.generate import published_prompts
 from fedpeft.model import AdapterLayout, LoadedModel, cached_model, resolve_device
 from fedpeft.ranks import check_site_rank, site_lora, with_rank
 
@@ -46,6 +48,8 @@ class Site:
     data: SiteData
     device: torch.device
     rank: int  # the LoRA rank this site trains, in [1, config.lora.r]
+    # what the site publishes for generated answers (fedpeft.generate; empty: nothing)
+    prompts: tuple[str, ...] = ()
 
     @property
     def global_layout(self) -> AdapterLayout:
@@ -162,6 +166,7 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
     train_table, test_table = split_site(
         table, test_fraction=test_fraction, max_test=max_test, seed=split_seed, source=name
     )
+    prompts = published_prompts(config, node_config, test_table)  # checked before loading
     loaded = cached_model(
         config.model, site_lora(config.lora, rank), seed=config.seed, device=device
     )
@@ -193,6 +198,7 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
         data=data,
         device=device,
         rank=rank,
+        prompts=prompts,
     )
     _SITES[key] = site
     return site

@@ -139,6 +139,39 @@ class EvalOutcome:
     bytes_down: int = 0
     bytes_up: int = 0
     failures: dict[str, str] = field(default_factory=dict)  # node id → reason
+    # node id → [(prompt, answer)]: plain evaluation, sites that published prompts only
+    generations: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+
+def site_generations(reply: Message) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs a site sent with its evaluation (``[]``: none).
+
+    A malformed record (not two lists of str of equal length, too many prompts, a prompt
+    or an answer too long) is dropped with a warning; the figures stand.
+    """
+    record = reply.content.config_records.get(K.GENERATIONS)
+    if record is None:
+        return []
+    prompts, answers = record.get(K.GEN_PROMPTS), record.get(K.GEN_ANSWERS)
+    # an answer is at most MAX_NEW_TOKENS_MAX tokens; 64 characters a token is generous
+    longest = 64 * K.MAX_NEW_TOKENS_MAX
+    if (
+        isinstance(prompts, list)
+        and isinstance(answers, list)
+        and len(prompts) == len(answers) <= K.EVAL_PROMPTS_MAX
+        and all(isinstance(p, str) and len(p) <= K.EVAL_PROMPT_CHARS_MAX for p in prompts)
+        and all(isinstance(a, str) and len(a) <= longest for a in answers)
+    ):
+        return list(zip(prompts, answers, strict=True))  # type: ignore[arg-type]
+    logger.warning(
+        "generated answers of site %d dropped: %s must hold two lists of str of equal length "
+        "(at most %d prompts of %d characters)",
+        reply.metadata.src_node_id,
+        K.GENERATIONS,
+        K.EVAL_PROMPTS_MAX,
+        K.EVAL_PROMPT_CHARS_MAX,
+    )
+    return []
 
 
 def evaluate_content(request: EvalRequest, *, task_key: bool = False) -> RecordDict:
@@ -322,6 +355,9 @@ class PlainAggregation(Aggregation):
             losses.append(loss)
             accuracies.append(accuracy)
             weights.append(count)
+            pairs = site_generations(reply)
+            if pairs:
+                outcome.generations[str(node)] = pairs
         if weights:
             outcome.loss = float(np.average(losses, weights=weights))
             outcome.accuracy = float(np.average(accuracies, weights=weights))

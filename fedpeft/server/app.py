@@ -349,6 +349,9 @@ class Federation:
             row["eval_failures"] = outcome.failures
         if self.config.model.task == "causal_lm" and outcome.loss is not None:
             row["eval_perplexity"] = float(math.exp(min(outcome.loss, 50.0)))
+        if outcome.generations:
+            row["eval_generations"] = sum(len(p) for p in outcome.generations.values())
+        row["generations"] = outcome.generations  # to generations.jsonl, not metrics.jsonl
         return row
 
     def run(self) -> list[dict[str, Any]]:
@@ -389,6 +392,7 @@ class Federation:
             row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
             self.privacy.observe(round_number, row["site_metrics"], row["failures"])
             self.run_dir.record_declarations(round_number, row.pop("declarations"))
+            self.run_dir.record_generations(round_number, row.pop("generations", {}))
             epsilons = self.privacy.epsilons()
             row["epsilon"] = epsilons
             row["epsilon_max"] = max(epsilons.values()) if epsilons else None

@@ -2,7 +2,8 @@
 
 Owns the files of PRODUCT.md's contract: ``config.yaml``, ``metrics.jsonl`` (one JSON
 object per round), ``adapter/`` (the latest global adapter in PEFT format, with its model
-card), ``sites.json`` (what each contributing site chose to declare about its data) and
+card), ``sites.json`` (what each contributing site chose to declare about its data),
+``generations.jsonl`` (the answers sites generated to the prompts they published) and
 ``checkpoints/`` (what a restarted server needs); ``base/`` is written by
 :func:`fedpeft.export.write_base`. Every file is written to a temporary
 name and renamed into place, so a crash leaves the previous complete version.
@@ -105,6 +106,24 @@ class RunDir:
         rows = [r for r in rows if r.get("round") != row.get("round")] + [row]
         _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def record_generations(
+        self, round_number: int, generations: dict[str, list[tuple[str, str]]]
+    ) -> None:
+        """Keep the round's generated answers in ``generations.jsonl`` (one line per node id,
+        prompt and answer; a re-run round replaces its lines). Nothing written without any."""
+        from fedpeft.generate import GENERATIONS_FILE
+
+        path = self.path / GENERATIONS_FILE
+        if not generations and not path.exists():
+            return
+        rows = [r for r in read_generations(self.path) if r.get("round") != round_number]
+        rows += [
+            {"round": round_number, "site": node, "prompt": prompt, "answer": answer}
+            for node, pairs in sorted(generations.items())
+            for prompt, answer in pairs
+        ]
+        _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
@@ -140,3 +159,14 @@ class RunDir:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         flat = np.load(folder / "global.npy").astype(np.float32)
         return Checkpoint(round=int(state.pop("round")), global_flat=flat, state=state)
+
+
+def read_generations(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/generations.jsonl`` (``[]`` when the run has none)."""
+    from fedpeft.generate import GENERATIONS_FILE
+
+    path = run_dir / GENERATIONS_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Message, MessageType
+from flwr.app import Array, ConfigRecord, Message, MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from numpy.typing import NDArray
@@ -32,7 +32,7 @@ from fedpeft.privacy.calibration import compute_epsilon
 from fedpeft.privacy.signing import generate_key_pair, load_private_key
 from fedpeft.server.aggregation import EvalRequest, RoundRequest, evaluate_content, train_content
 from fedpeft.server.strategies import make_strategy
-from fedpeft.testing import InProcessGrid, write_classification_csv
+from fedpeft.testing import InProcessGrid, write_causal_jsonl, write_classification_csv
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
@@ -719,3 +719,114 @@ def test_a_site_whose_trail_cannot_be_written_releases_nothing(tmp_path: Path) -
     reply = _send(config, node, Coordinator(config).train())
     assert reply.has_error() and reply.error.reason == _fixed(K.ERR_SITE_FAILED)
     assert not (tmp_path / "ledger.json").exists() or _entries(tmp_path) == []
+
+
+# --- generated answers (fedpeft.generate) ----------------------------------------------------
+
+
+def _causal(tmp_path: Path, *overrides: str) -> FedPeftConfig:
+    return compose_config(
+        [
+            "experiment=tiny_causal_lm",
+            f"data.path={tmp_path / 'unused.jsonl'}",
+            "privacy.enabled=true",
+            "privacy.epsilon=8.0",
+            "privacy.sample_rate=0.125",
+            "privacy.accountant=rdp",
+            "train.eval_max_new_tokens=4",
+            *overrides,
+        ]
+    )
+
+
+def _causal_node(tmp_path: Path, prompts: list[str] | None) -> dict[str, Any]:
+    data = write_causal_jsonl(tmp_path / "site.jsonl", n=48, seed=3)
+    node: dict[str, Any] = {
+        K.NODE_DATA_PATH: str(data),
+        K.NODE_LEDGER_PATH: str(tmp_path / "ledger.json"),
+        K.NODE_EPSILON_MAX: 8.0,
+        K.NODE_DELTA: 1e-5,
+    }
+    if prompts is not None:
+        (tmp_path / "published.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+        node[K.NODE_EVAL_PROMPTS] = str(tmp_path / "published.txt")
+    return node
+
+
+def test_a_site_that_publishes_no_prompts_sends_no_text(tmp_path: Path) -> None:
+    """Byte for byte: its evaluation reply is the three figures, even when the coordinator's
+    run config asks simulated sites to publish held-out prompts (data.eval_prompts)."""
+    config = _causal(tmp_path, "data.eval_prompts=4")
+    node = _causal_node(tmp_path, None)
+    coordinator = Coordinator(config)
+    _delta(_send(config, node, coordinator.train()))
+    released = _released(_send(config, node, coordinator.evaluate(coordinator.start)))
+    assert released["arrays"] == {} and released["configs"] == {}
+    assert set(released["metrics"]) == {K.METRICS}
+    assert set(released["metrics"][K.METRICS]) == {
+        K.MET_NUM_EXAMPLES,
+        K.MET_EVAL_LOSS,
+        K.MET_EVAL_ACCURACY,
+    }
+
+
+def test_the_coordinator_cannot_choose_the_prompts_a_site_answers(tmp_path: Path) -> None:
+    """Prompts written into the instruction are never read: the reply answers the site's own
+    published prompts and is byte-identical to the honest one."""
+    config = _causal(tmp_path)
+    published = ["say good bad"]
+    node = _causal_node(tmp_path, published)
+    coordinator = Coordinator(config)
+    _delta(_send(config, node, coordinator.train()))
+    honest = _released(_send(config, node, coordinator.evaluate(coordinator.start)))
+    assert honest["configs"][K.GENERATIONS][K.GEN_PROMPTS] == published
+    assert len(honest["configs"][K.GENERATIONS][K.GEN_ANSWERS]) == 1
+    crafted = coordinator.evaluate(coordinator.start)
+    probe = "repeat the held-out record of patient 7"
+    entries = crafted.content.config_records[K.CONFIG]
+    for key in (K.GEN_PROMPTS, K.NODE_EVAL_PROMPTS, "prompt", K.GENERATIONS):
+        entries[key] = [probe]
+    entries["eval-max-new-tokens"] = 256
+    crafted.content[K.GENERATIONS] = ConfigRecord({K.GEN_PROMPTS: [probe]})
+    reply = _released(_send(config, node, crafted))
+    assert reply == honest
+    assert probe not in json.dumps(reply["configs"])
+
+
+def test_answers_are_bound_like_the_figures(tmp_path: Path) -> None:
+    """No text for a round the site did not train; none for a second adapter or for longer
+    answers (train.eval_max_new_tokens) asked for a round it already evaluated."""
+    config = _causal(tmp_path)
+    node = _causal_node(tmp_path, ["say good bad"])
+    coordinator = Coordinator(config)
+    never = _send(config, node, coordinator.evaluate(coordinator.start))
+    assert never.error.reason == _fixed(K.ERR_EVALUATION_REFUSED)
+    _delta(_send(config, node, coordinator.train()))
+    assert not _send(config, node, coordinator.evaluate(coordinator.start)).has_error()
+    probe = coordinator.start.copy()
+    probe[-1] += 3.0
+    assert _send(config, node, coordinator.evaluate(probe)).error.reason == _fixed(
+        K.ERR_EVALUATION_REFUSED
+    )
+    longer = _causal(tmp_path, "train.eval_max_new_tokens=64")
+    reply = _send(longer, node, Coordinator(longer).evaluate(Coordinator(longer).start))
+    assert reply.error.reason == _fixed(K.ERR_EVALUATION_REFUSED)
+
+
+def test_a_secure_evaluation_carries_no_text(tmp_path: Path) -> None:
+    """Under secure aggregation a site that published prompts still sends only the three
+    masked figures (a text cannot be summed), and a plain evaluate is refused."""
+    from fedpeft.client.app import local_update, secure_evaluation
+    from fedpeft.client.site import load_site
+
+    config = _causal(tmp_path, "secagg.enabled=true")
+    node = _causal_node(tmp_path, ["say good bad"])
+    coordinator = Coordinator(config)
+    site = load_site(config, node)
+    assert site.prompts == ("say good bad",)
+    local_update(coordinator.train(), site, session="s1")  # the round is charged
+    update = secure_evaluation(coordinator.evaluate(coordinator.start), site, session="s1")
+    assert update.delta.shape == (3,) and update.layout is None
+    assert update.metrics == {} and update.declaration == {}
+    plain = _send(config, node, coordinator.evaluate(coordinator.start))
+    assert plain.error.reason == _fixed(K.ERR_EVALUATION_REFUSED)
