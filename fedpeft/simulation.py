@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import FedPeftConfig
+from fedpeft.preflight import preflight
 from fedpeft.server.progress import Progress
+from fedpeft.server.rundir import default_run_dir
 
 # Flower reads these at import time: no telemetry, no update check, no runtime installs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -64,15 +66,28 @@ def simulation_config(config: FedPeftConfig, run_dir: Path) -> FedPeftConfig:
 def simulate(
     config: FedPeftConfig, *, run_dir: str | Path | None = None, progress: Progress | None = None
 ) -> SimulationResult:
-    """Run ``config`` as a local federation of ``federation.num_sites`` virtual sites."""
+    """Run ``config`` as a local federation of ``federation.num_sites`` virtual sites.
+
+    Everything the sites will need is checked first (:func:`fedpeft.preflight.preflight`):
+    a bad input raises one :class:`~fedpeft.config.ConfigError` before Ray starts.
+
+    Raises
+    ------
+    ConfigError
+        Every problem :func:`~fedpeft.preflight.preflight` found (nothing was started).
+    FederationAborted
+        When the federation ended early because no site could train (its reason).
+    """
+    out = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    config = simulation_config(config, out)
+    preflight(config)  # before Ray, run directory or model: a bad input costs ~a second
+
     from flwr.simulation import run_simulation
 
     from fedpeft.client.app import make_client_app
-    from fedpeft.server.app import default_run_dir, make_server_app
+    from fedpeft.server.app import make_server_app
     from fedpeft.server.rundir import RunDir
 
-    out = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    config = simulation_config(config, out)
     run_simulation(
         server_app=make_server_app(config, run_dir=out, progress=progress),
         client_app=make_client_app(config),

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +212,103 @@ def calibrate_with_history(
     return high
 
 
+@dataclass(frozen=True)
+class NoisePlan:
+    """What calibration decides for one site and run, before any ledger is written."""
+
+    ceiling: float
+    delta: float
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+
+
+def plan_noise(
+    config: FedPeftConfig,
+    rules: SiteRules,
+    *,
+    num_train: int,
+    stored_delta: float | None,
+    prior: Callable[[float], list[tuple[float, float, int]]],
+) -> NoisePlan:
+    """Ceiling, δ, q and the calibrated σ of a site: the arithmetic of :func:`site_privacy`.
+
+    Pure apart from ``prior``, which returns the ledger's history of earlier runs at the
+    decided δ (``[]`` for a new ledger), so that :mod:`fedpeft.preflight` can run the very
+    same calibration before a simulation starts without writing a ledger.
+
+    Raises
+    ------
+    SiteRefusal
+        When δ would exceed ``1/N``.
+    PrivacyConfigError
+        When no σ reaches the ceiling (e.g. ``privacy.epsilon=0.001``) or the ledger's
+        history leaves no room.
+    """
+    ceiling = (
+        config.privacy.epsilon
+        if rules.epsilon_max is None
+        else min(rules.epsilon_max, config.privacy.epsilon)
+    )
+    # δ: fixed for the ledger's life. A deployed site's is its own (require_privacy insists);
+    # a simulation partition takes the lowest δ asked for, and only when neither side set one
+    # (plain aggregation only, see fedpeft.config) does δ depend on N.
+    if rules.deployed:
+        asked = [d for d in (rules.delta,) if d is not None]
+    else:
+        asked = [d for d in (config.privacy.delta, rules.delta) if d is not None]
+    delta = stored_delta or (min(asked) if asked else 1.0 / (10 * num_train))
+    if delta > 1.0 / num_train:
+        raise SiteRefusal(
+            K.ERR_DELTA,
+            f"δ={delta:g} exceeds 1/N = {1.0 / num_train:g} for this site's {num_train} "
+            "training examples: with such a δ the guarantee allows releasing an example "
+            f"outright. Lower the node config {K.NODE_DELTA} (a simulation: privacy.delta).",
+        )
+    # Poisson sampling at the coordinator's rate q (the same at every site, so it reveals no
+    # N); without one, at the rate Opacus uses for a loader of ceil(N / B) batches.
+    sample_rate = config.privacy.sample_rate or 1.0 / math.ceil(num_train / config.train.batch_size)
+    steps = config.train.local_steps
+    if config.privacy.noise_multiplier is not None:
+        sigma = float(config.privacy.noise_multiplier)
+    else:
+        sigma = calibrate_with_history(
+            prior=prior(delta),
+            target_epsilon=ceiling,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=config.federation.rounds * steps,
+            accountant=config.privacy.accountant,
+        )
+    return NoisePlan(
+        ceiling=ceiling,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps_per_round=steps,
+        noise_multiplier=sigma,
+    )
+
+
+def _prior_history(
+    path: Path, *, delta: float, config: FedPeftConfig, run_id: str
+) -> list[tuple[float, float, int]]:
+    """Earlier runs' DP-SGD work in the ledger at ``path`` (this run's rounds are the plan)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = PrivacyLedger(path, delta=delta, accountant=config.privacy.accountant)
+    return [
+        (e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries if e.run_id != run_id
+    ]
+
+
+def existing_history(
+    path: Path, *, delta: float, config: FedPeftConfig, run_id: str
+) -> list[tuple[float, float, int]]:
+    """As :func:`_prior_history`, but never creating a ledger (none yet: no history)."""
+    if not path.is_file():
+        return []
+    return _prior_history(path, delta=delta, config=config, run_id=run_id)
+
+
 _PLANS: dict[str, SitePrivacy] = {}
 
 
@@ -248,58 +345,25 @@ def site_privacy(
     )
     if key in _PLANS:
         return _PLANS[key]
-    ceiling = (
-        config.privacy.epsilon
-        if rules.epsilon_max is None
-        else min(rules.epsilon_max, config.privacy.epsilon)
+    plan = plan_noise(
+        config,
+        rules,
+        num_train=num_train,
+        stored_delta=_stored_delta(path),
+        prior=lambda delta: _prior_history(path, delta=delta, config=config, run_id=run_id),
     )
-    # δ: fixed for the ledger's life. A deployed site's is its own (require_privacy insists);
-    # a simulation partition takes the lowest δ asked for, and only when neither side set one
-    # (plain aggregation only, see fedpeft.config) does δ depend on N.
-    if rules.deployed:
-        asked = [d for d in (rules.delta,) if d is not None]
-    else:
-        asked = [d for d in (config.privacy.delta, rules.delta) if d is not None]
-    delta = _stored_delta(path) or (min(asked) if asked else 1.0 / (10 * num_train))
-    if delta > 1.0 / num_train:
-        raise SiteRefusal(
-            K.ERR_DELTA,
-            f"δ={delta:g} exceeds 1/N = {1.0 / num_train:g} for this site's {num_train} "
-            "training examples: with such a δ the guarantee allows releasing an example "
-            f"outright. Lower the node config {K.NODE_DELTA} (a simulation: privacy.delta).",
-        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = PrivacyLedger(path, delta=delta, accountant=config.privacy.accountant)
-    # Poisson sampling at the coordinator's rate q (the same at every site, so it reveals no
-    # N); without one, at the rate Opacus uses for a loader of ceil(N / B) batches.
-    sample_rate = config.privacy.sample_rate or 1.0 / math.ceil(num_train / config.train.batch_size)
-    steps = config.train.local_steps
-    if config.privacy.noise_multiplier is not None:
-        sigma = float(config.privacy.noise_multiplier)
-    else:
-        prior = [
-            (e.noise_multiplier, e.sample_rate, e.steps)
-            for e in ledger.entries
-            if e.run_id != run_id
-        ]  # this run's own rounds are part of the plan
-        sigma = calibrate_with_history(
-            prior=prior,
-            target_epsilon=ceiling,
-            delta=delta,
-            sample_rate=sample_rate,
-            steps=config.federation.rounds * steps,
-            accountant=config.privacy.accountant,
-        )
-    plan = SitePrivacy(
+    ledger = PrivacyLedger(path, delta=plan.delta, accountant=config.privacy.accountant)
+    site = SitePrivacy(
         ledger=ledger,
-        ceiling=ceiling,
-        delta=delta,
-        noise_multiplier=sigma,
-        sample_rate=sample_rate,
-        steps_per_round=steps,
+        ceiling=plan.ceiling,
+        delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps_per_round=plan.steps_per_round,
         max_grad_norm=config.privacy.max_grad_norm,
         clipping=config.privacy.clipping,
         secret=site_secret(path),
     )
-    _PLANS[key] = plan
-    return plan
+    _PLANS[key] = site
+    return site

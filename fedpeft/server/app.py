@@ -31,7 +31,6 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,7 @@ from fedpeft.server.aggregation import (
 from fedpeft.server.exchange import PollingGrid
 from fedpeft.server.privacy_report import PrivacyReport
 from fedpeft.server.progress import Progress
-from fedpeft.server.rundir import Checkpoint, RunDir
+from fedpeft.server.rundir import Checkpoint, RunDir, default_run_dir
 from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.strategies import Strategy, make_strategy
 from fedpeft.server.trail import CoordinatorTrail
@@ -102,13 +101,6 @@ def declared_transport(run_config: Mapping[str, Any]) -> dict[str, str]:
 
 class FederationAborted(RuntimeError):
     """Too few sites to go on."""
-
-
-def default_run_dir(config: FedPeftConfig) -> Path:
-    if config.output_dir:
-        return Path(config.output_dir)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.experiment_name}-{stamp}"
 
 
 def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:

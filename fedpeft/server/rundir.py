@@ -16,13 +16,26 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedpeft.model_card import SITES_FILE
+
+if TYPE_CHECKING:
+    from fedpeft.config import FedPeftConfig
+
+
+def default_run_dir(config: FedPeftConfig) -> Path:
+    """``output_dir``, or ``runs/<experiment_name>-<time>``."""
+    if config.output_dir:
+        return Path(config.output_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.experiment_name}-{stamp}"
+
 
 CHECKPOINT_KEEP = 2  # the newest two, so a crash while writing one leaves the other
 
