@@ -18,13 +18,36 @@ from pathlib import Path
 
 from fedpeft.config import ConfigError, compose_config
 
+#: ``fedpeft simulate``'s exit status when the federation ended early because no site could
+#: train (a bad input found before the start exits 2, as every ConfigError).
+EXIT_ABORTED = 1
+
+
+def _multirun(args: argparse.Namespace) -> int:
+    from fedpeft.multirun import default_sweep_dir, expand, run_multirun, summary_table
+
+    sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir()
+    results = run_multirun(args.overrides, sweep_dir)
+    print(summary_table(results, expand(args.overrides)))
+    print(f"sweep directory: {sweep_dir.resolve()} (summary.json)")
+    return 0 if all(r.status == "ok" for r in results) else EXIT_ABORTED
+
 
 def _simulate(args: argparse.Namespace) -> int:
+    if args.multirun:
+        return _multirun(args)
+    if args.sweep_dir:
+        raise ConfigError(f"--sweep-dir {args.sweep_dir} needs -m/--multirun; add -m")
     config = compose_config(args.overrides)
+    from fedpeft.server.app import FederationAborted
     from fedpeft.server.progress import summary_table
     from fedpeft.simulation import simulate
 
-    result = simulate(config)
+    try:
+        result = simulate(config)
+    except FederationAborted as err:  # the reason is one line; its detail is in the run's log
+        print(f"fedpeft: error: federation ended: {err}", file=sys.stderr)
+        return EXIT_ABORTED
     print(summary_table(result.rows))
     last = result.rows[-1]
     acc = last.get("eval_accuracy")
@@ -112,9 +135,20 @@ def _worker(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
     if args.poll_interval <= 0:
         raise ConfigError(f"--poll-interval {args.poll_interval} must be > 0 seconds, e.g. 0.05")
-    stats = Worker(args.runtime_api, poll_interval=args.poll_interval).serve(
-        max_tasks=args.max_tasks
-    )
+    node_config = None
+    if args.node_config is not None:
+        from flwr.common.config import parse_config_args
+
+        try:
+            node_config = parse_config_args([args.node_config])
+        except ValueError as err:
+            raise ConfigError(f"--node-config {args.node_config!r}: {err}") from None
+    stats = Worker(
+        args.runtime_api,
+        poll_interval=args.poll_interval,
+        node_config=node_config,
+        config=compose_config(args.overrides),
+    ).serve(max_tasks=args.max_tasks)
     print(f"served {stats.completed} tasks ({stats.failed} failed)")
     return 0
 
@@ -199,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a local federation (Flower simulation engine)")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.num_sites=5")
+    sim.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="one federation per combination of swept overrides (Hydra's grammar: "
+        "strategy=ffa,fedavg privacy.epsilon=range(1,9,3) ...), one after another",
+    )
+    sim.add_argument(
+        "--sweep-dir", help="multirun: folder of the jobs' run dirs (default runs/multirun-<time>)"
+    )
     sim.set_defaults(func=_simulate)
     audit = sub.add_parser(
         "audit",
@@ -307,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-interval", type=float, default=0.05, help="seconds between task polls (0.05)"
     )
     worker.add_argument("--max-tasks", type=int, help="exit after this many tasks (tests)")
+    worker.add_argument(
+        "--node-config",
+        help="the SuperNode's --node-config string: checked (data, columns, ledger, ceiling) "
+        "before serving; without it the check runs at the first task",
+    )
+    worker.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides of the runs this site joins, for the start-up column check, "
+        "e.g. data.text_column=body",
+    )
     worker.set_defaults(func=_worker)
     node = sub.add_parser(
         "supernode",

@@ -63,16 +63,21 @@ def load_file(path: str | Path, config: DataConfig, task: str) -> datasets.Datas
         When the file is missing, unreadable, lacks a column, or has bad labels.
     """
     file = Path(path).expanduser()
+    return _check_columns(read_file(file), config, task, source=str(file))
+
+
+def read_file(path: str | Path) -> datasets.Dataset:
+    """A site's CSV/JSONL file as a table, columns unchecked (see :func:`load_file`)."""
+    file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(
             f"data file {str(file)!r} does not exist. Set data.path (simulation) or the node "
             "config key 'data-path' (a site) to an existing CSV or JSONL file."
         )
     try:
-        table = _read_file(file)
+        return _read_file(file)
     except (ValueError, OSError) as err:
         raise ConfigError(f"data file {str(file)!r} could not be parsed: {err}") from None
-    return _check_columns(table, config, task, source=str(file))
 
 
 def _check_columns(

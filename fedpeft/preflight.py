@@ -81,6 +81,17 @@ def _model_problems(model: ModelConfig) -> list[str]:
     return []
 
 
+def _ranges(ids: list[int]) -> str:
+    """``0, 2-5, 9`` for ``[0, 2, 3, 4, 5, 9]``."""
+    spans: list[list[int]] = []
+    for i in sorted(ids):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def _grouped(problems: list[tuple[int | None, str]]) -> list[str]:
     """One line per distinct message, naming the sites it applies to."""
     order: dict[str, list[int]] = {}
@@ -94,7 +105,7 @@ def _grouped(problems: list[tuple[int | None, str]]) -> list[str]:
             lines.append(text)
         else:
             label = "site" if len(sites) == 1 else "sites"
-            lines.append(f"{label} {', '.join(map(str, sites))}: {text}")
+            lines.append(f"{label} {_ranges(sites)}: {text}")
     return lines
 
 
@@ -156,7 +167,7 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
                     test_fraction=fraction,
                     max_test=cap,
                     seed=seed,
-                    source=f"partition {pid}",
+                    source="its partition",  # prefixed with the site ids (_grouped)
                 )
             except ConfigError as err:
                 problems.append((pid, str(err)))
@@ -210,14 +221,19 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
 
 
 def check_node_config(
-    node_config: Mapping[str, object], config: FedPeftConfig | None = None
+    node_config: Mapping[str, object],
+    config: FedPeftConfig | None = None,
+    *,
+    columns: bool = True,
 ) -> None:
     """A deployed site's own settings, checked before it serves any run.
 
     Checks what the site operator set and the coordinator cannot change: the data file
     (exists, parses, has the columns of ``config``, by default fedpeft's defaults), the
     held-out split, the LoRA rank, and, unless ``privacy-required=false``, the ledger (its
-    folder exists; an existing file is readable at its own δ), the ε ceiling and δ.
+    folder exists; an existing file is readable at its own δ), the ε ceiling and δ. With
+    ``columns=False`` the file is only read, not checked for the columns: those depend on
+    the run, whose ClientApp refuses a run they do not fit (the worker goes on serving).
 
     Raises
     ------
@@ -227,7 +243,7 @@ def check_node_config(
     from fedpeft.client.rules import site_rules
     from fedpeft.client.site import held_out_split
     from fedpeft.config import compose_config
-    from fedpeft.data import load_file, split_site
+    from fedpeft.data import load_file, read_file, split_site
     from fedpeft.privacy.errors import PrivacyConfigError
 
     resolved = config if config is not None else compose_config()
@@ -251,7 +267,10 @@ def check_node_config(
         )
     else:
         try:
-            table = load_file(str(data_path), resolved.data, resolved.model.task)
+            if columns:
+                table = load_file(str(data_path), resolved.data, resolved.model.task)
+            else:
+                table = read_file(str(data_path))
             if split is not None:
                 split_site(
                     table,

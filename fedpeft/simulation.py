@@ -64,12 +64,18 @@ def simulation_config(config: FedPeftConfig, run_dir: Path) -> FedPeftConfig:
 
 
 def simulate(
-    config: FedPeftConfig, *, run_dir: str | Path | None = None, progress: Progress | None = None
+    config: FedPeftConfig,
+    *,
+    run_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    check: bool = True,
 ) -> SimulationResult:
     """Run ``config`` as a local federation of ``federation.num_sites`` virtual sites.
 
     Everything the sites will need is checked first (:func:`fedpeft.preflight.preflight`):
-    a bad input raises one :class:`~fedpeft.config.ConfigError` before Ray starts.
+    a bad input raises one :class:`~fedpeft.config.ConfigError` before Ray starts. Pass
+    ``check=False`` only for a configuration that has just passed it (a multirun checks
+    every job before the first starts, :mod:`fedpeft.multirun`).
 
     Raises
     ------
@@ -80,7 +86,8 @@ def simulate(
     """
     out = Path(run_dir) if run_dir is not None else default_run_dir(config)
     config = simulation_config(config, out)
-    preflight(config)  # before Ray, run directory or model: a bad input costs ~a second
+    if check:  # before Ray, the run directory or a model is touched
+        preflight(config)
 
     from flwr.simulation import run_simulation
 

@@ -25,6 +25,12 @@ What it does differently, on purpose:
   A site thus runs code it installed and reviewed, not code that arrived over the network.
 - A failing task becomes an error reply and a failed task status; the worker goes on with
   the next task. A task Flower cancels (its heartbeat is refused) is abandoned, not fatal.
+- It checks the site's own node config (data file, ledger, ε ceiling, δ; see
+  :func:`fedpeft.preflight.check_node_config`) before it serves: at start when given the
+  SuperNode's ``--node-config`` (``fedpeft worker --node-config``), and in any case at the
+  first task, because the runtime API hands a worker the node config only with a task. A
+  bad node config is answered with an error reply and stops the worker (``ConfigError``,
+  exit 2) with the same message: it cannot get better until its operator fixes it.
 - There is no process isolation between tasks: run the worker under a supervisor (systemd,
   a container restart policy) so that a crash is followed by a restart.
 """
@@ -35,7 +41,7 @@ import logging
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +70,9 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+from fedpeft import constants as K
+from fedpeft.config import ConfigError, FedPeftConfig
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -131,6 +140,11 @@ class Worker:
         Seconds between task polls while idle.
     load_app : callable, optional
         Returns the ClientApp to run; default imports :data:`CLIENTAPP_REF` once.
+    node_config : mapping, optional
+        The SuperNode's ``--node-config``, checked by :meth:`serve` before the first poll
+        (with the columns of ``config``, by default fedpeft's defaults).
+    config : FedPeftConfig, optional
+        The runs this site expects, for the start-up check of its data's columns.
     """
 
     def __init__(
@@ -139,6 +153,8 @@ class Worker:
         *,
         poll_interval: float = POLL_INTERVAL_S,
         load_app: Callable[[], ClientApp] | None = None,
+        node_config: Mapping[str, object] | None = None,
+        config: FedPeftConfig | None = None,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval={poll_interval!r} must be > 0 seconds, e.g. 0.05")
@@ -148,6 +164,10 @@ class Worker:
         self._app: ClientApp | None = None
         self.stats = WorkerStats()
         self.stop_event = threading.Event()
+        self.node_config = dict(node_config) if node_config is not None else None
+        self.config = config
+        self._checked: set[str] = set()  # node configs that passed check_node_config
+        self.refusal: ConfigError | None = None  # why the worker stopped serving
         self._tasks = self._client()
 
     def _client(self, token: str | None = None) -> RuntimeHttpClient:
@@ -171,6 +191,15 @@ class Worker:
     # --- the loop ---------------------------------------------------------------------------
     def serve(self, *, max_tasks: int | None = None) -> WorkerStats:
         """Run tasks until :attr:`stop_event` is set (or ``max_tasks`` have been served)."""
+        from fedpeft.preflight import check_node_config
+
+        if self.node_config is not None:
+            try:
+                check_node_config(self.node_config, self.config)
+            except ConfigError:
+                self._tasks.close()
+                raise
+            self._checked.add(repr(sorted(self.node_config.items())))
         logger.info("fedpeft worker serving ClientApp tasks of the SuperNode at %s", self.address)
         try:
             while not self.stop_event.is_set():
@@ -185,7 +214,19 @@ class Worker:
                     self.stop_event.wait(self.poll_interval)
         finally:
             self._tasks.close()
+        if self.refusal is not None:
+            raise self.refusal
         return self.stats
+
+    def check_task_node(self, node_config: Mapping[str, object]) -> None:
+        """At a deployed node's first task: its node config (columns are the run's to check)."""
+        from fedpeft.preflight import check_node_config
+
+        key = repr(sorted((str(k), str(v)) for k, v in node_config.items()))
+        if K.NODE_PARTITION_ID in node_config or key in self._checked:
+            return  # a simulation partition, or checked already
+        check_node_config(node_config, columns=False)
+        self._checked.add(key)
 
     def poll_once(self) -> bool:
         """Acquire and run one pending ClientApp task; False when none was pending."""
@@ -212,9 +253,21 @@ class Worker:
             message, context, run, fab = pull_task_input(client)
             pulled = time.perf_counter()
             check_bundle(run, fab)
+            self.check_task_node(context.node_config)
             reply = self.app(message=message, context=context)
             ran = time.perf_counter()
             status, details = SubStatus.COMPLETED, ""
+        except ConfigError as err:  # the node config: refuse this task and stop serving
+            logger.error("refusing to serve: %s", err)
+            self.refusal = err
+            self.stop_event.set()
+            details = f"site-config: {err}"
+            self.stats.errors.append(details)
+            if message is not None:
+                number, text = K.SITE_ERRORS[K.ERR_SITE_CONFIG]
+                reply = Message(
+                    Error(code=number, reason=f"{K.ERR_SITE_CONFIG}: {text}"), reply_to=message
+                )
         except Exception as err:  # a task's failure is reported, the worker goes on
             reason = f"{type(err).__name__}: {err}"
             logger.exception("ClientApp task failed: %s", reason)

@@ -73,6 +73,8 @@ from fedpeft.server.trail import CoordinatorTrail
 logger = logging.getLogger(__name__)
 
 NODE_WAIT_POLL_S = 1.0
+SIZE_WAIT_S = 120.0  # longest wait for a simulation's SuperNodes to come online
+SIZE_SETTLE_S = 5.0  # a count unchanged this long is all the simulation started
 FEDERATION_FILE = "federation.json"  # the federation's id, written at its first start
 
 
@@ -100,7 +102,27 @@ def declared_transport(run_config: Mapping[str, Any]) -> dict[str, str]:
 
 
 class FederationAborted(RuntimeError):
-    """Too few sites to go on."""
+    """The federation cannot go on (too few sites, or none that can train); says why."""
+
+
+#: Error codes by which a site refuses for a reason that repeats identically every round
+#: (its node config, its rules, its budget): a round in which every connected site's latest
+#: answer was one of these cannot be followed by a better one. A failure (``site-failed``,
+#: ``protocol-error``, a timeout, a rejected update) may be transient and never counts.
+STANDING_REFUSALS = frozenset(
+    {
+        K.ERR_BUDGET,
+        K.ERR_LEDGER_REQUIRED,
+        K.ERR_CEILING_REQUIRED,
+        K.ERR_DP_REQUIRED,
+        K.ERR_DELTA,
+        K.ERR_DELTA_REQUIRED,
+        K.ERR_SECAGG_REQUIRED,
+        K.ERR_SIGNATURE,
+        K.ERR_SITE_CONFIG,
+    }
+)
+ABORTED_FILE = "aborted.json"  # why a federation ended before its last round
 
 
 def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
@@ -164,6 +186,42 @@ class Federation:
         # how messages travel, for the report: TLS and node authentication as configured
         self.transport = {**(transport or {}), "signed": "yes" if self.signer else "no"}
         self.audit_head: dict[str, Any] | None = None  # audit.jsonl's last line, checkpointed
+        self.refusing: dict[str, str] = {}  # node id → its latest train answer, a refusal
+
+    def note_answers(self, row: Mapping[str, Any], contributors: Sequence[int]) -> None:
+        """Track each sampled node's latest train answer: a standing refusal or not."""
+        failures: Mapping[str, str] = row["failures"]
+        for node in contributors:
+            self.refusing.pop(str(node), None)
+        for node, reason in failures.items():
+            if reason.split(":", 1)[0] in STANDING_REFUSALS:
+                self.refusing[node] = reason
+            else:  # a failure that may pass: this node may train next round
+                self.refusing.pop(node, None)
+
+    def none_can_train(self, nodes: Sequence[int], contributors: Sequence[int]) -> str | None:
+        """Why no site can train, or None.
+
+        The rule: a round without a single usable update in which *every connected* site's
+        latest train answer was a standing refusal (:data:`STANDING_REFUSALS`). One
+        transient failure, a timeout, or a site not sampled yet keeps the federation going.
+        """
+        if contributors or not nodes or not all(str(n) in self.refusing for n in nodes):
+            return None
+        reasons: dict[str, list[str]] = {}
+        for node in nodes:
+            reasons.setdefault(self.refusing[str(node)], []).append(str(node))
+        listed = "; ".join(f"{len(ids)} site(s): {reason}" for reason, ids in reasons.items())
+        return f"no site can train: every connected site refused ({listed})"
+
+    def abort(self, round_number: int, reason: str) -> None:
+        """Record why the federation ends (``aborted.json``) and raise FederationAborted."""
+        self.run_dir.write_json(
+            ABORTED_FILE,
+            {"round": round_number, "reason": reason, "refusals": dict(self.refusing)},
+        )
+        self.progress.message(f"federation ended at round {round_number}: {reason}")
+        raise FederationAborted(reason)
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, round_number: int) -> None:
@@ -366,13 +424,13 @@ class Federation:
             nodes = wait_for_nodes(self.grid, minimum=fed.min_sites, timeout=fed.round_timeout)
             usable = self.available(nodes)
             if len(usable) < fed.min_sites:
-                self.progress.message(
-                    f"federation ended before round {round_number}: {len(usable)} site(s) left "
-                    f"with privacy budget, federation.min_sites={fed.min_sites} "
+                self.abort(
+                    round_number,
+                    f"{len(usable)} site(s) left with privacy budget before round "
+                    f"{round_number}, federation.min_sites={fed.min_sites} "
                     f"({len(self.privacy.exhausted)} exhausted: "
-                    f"{', '.join(sorted(self.privacy.exhausted))})"
+                    f"{', '.join(sorted(self.privacy.exhausted))})",
                 )
-                break
             sampled = sample_nodes(self.rng, usable, fraction=fed.fraction, minimum=fed.min_sites)
             row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
             phases = {"nodes": time.perf_counter() - start}
@@ -395,6 +453,10 @@ class Federation:
             self.next_round = round_number + 1
             self.write_report()
             self.progress.round_done(row)
+            self.note_answers(row, contributors)
+            hopeless = self.none_can_train(usable, contributors)
+            if hopeless is not None:
+                self.abort(round_number, hopeless)
         return self.run_dir.read_metrics()
 
 
@@ -452,6 +514,49 @@ def run_federation(
     return federation.run()
 
 
+def check_simulated_size(grid: Grid, config: FedPeftConfig) -> None:
+    """In Flower's simulation, the SuperNodes it started must be ``federation.num_sites``.
+
+    ``federation.num_sites`` is the one setting of the federation's size: it splits the data
+    into that many partitions, and ``fedpeft simulate`` starts that many SuperNodes. ``flwr
+    run .`` starts as many as its SuperLink connection says (``options.num-supernodes``,
+    Flower's default 2); a difference would leave partitions untrained (or sites without a
+    partition), so it is an error naming both. A deployment's sites connect when they
+    choose and are not counted here (``federation.min_sites`` applies).
+
+    Raises
+    ------
+    ConfigError
+        When the simulation's SuperNode count differs from ``federation.num_sites``.
+    """
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return
+    wanted = config.federation.num_sites
+    # The simulated SuperNodes come online as the backend starts (Ray: seconds): wait until
+    # all are there, more than asked, or the count has stood still for SIZE_SETTLE_S.
+    started, since = -1, time.monotonic()
+    deadline = since + SIZE_WAIT_S
+    while True:
+        count = len(list(grid.get_node_ids()))
+        now = time.monotonic()
+        if count != started:
+            started, since = count, now
+        if started >= wanted or (started > 0 and now - since > SIZE_SETTLE_S) or now > deadline:
+            break
+        time.sleep(0.1)
+    if started != wanted:
+        raise ConfigError(
+            f"Flower's simulation started {started} SuperNode(s) (options.num-supernodes) but "
+            f"federation.num_sites={wanted}: each of the {wanted} data partitions needs one "
+            "site. Make them agree: `flwr federation simulation-config --num-supernodes "
+            f"{wanted}` (or options.num-supernodes = {wanted} in the SuperLink connection of "
+            "$FLWR_HOME/config.toml), or run config overrides='federation.num_sites="
+            f"{started}' — or use `fedpeft simulate`, which starts federation.num_sites sites."
+        )
+
+
 def make_server_app(
     config: FedPeftConfig | None = None,
     *,
@@ -485,6 +590,7 @@ def make_server_app(
         else:
             out = Path(run_dir) if run_dir is not None else default_run_dir(resolved)
         logger.info("fedpeft config: %s", as_dict(resolved))
+        check_simulated_size(grid, resolved)
         # Flower's deployed grid waits 3 s between pulls; PollingGrid polls every 0.1 s.
         run_federation(
             PollingGrid(grid),
