@@ -133,6 +133,7 @@ def _worker(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
+    logging.getLogger("fedpeft.client.errors").setLevel(logging.DEBUG)  # failures' tracebacks
     if args.poll_interval <= 0:
         raise ConfigError(f"--poll-interval {args.poll_interval} must be > 0 seconds, e.g. 0.05")
     node_config = None

@@ -286,3 +286,27 @@ def test_a_two_job_multirun_writes_two_run_dirs_and_a_summary(
     assert all(0 <= s["eval_accuracy"] <= 1 and s["seconds"] > 0 for s in summary)
     printed = capsys.readouterr().out
     assert "strategy=fedavg" in printed and "accuracy" in printed and "summary.json" in printed
+
+
+def test_a_site_failure_is_one_error_line_and_its_traceback_only_at_debug(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    import fedpeft.client.errors
+    from fedpeft.client.errors import error_reply
+
+    monkeypatch.setattr(fedpeft.client.errors, "Message", lambda *a, **k: None)  # no run id
+    msg: Any = SimpleNamespace(metadata=SimpleNamespace(message_type="train", group_id="1"))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as err:
+        with caplog.at_level(logging.INFO, logger="fedpeft.client.errors"):
+            error_reply(msg, err)
+        info = [r for r in caplog.records if r.levelno >= logging.INFO]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="fedpeft.client.errors"):
+            error_reply(msg, err)
+    assert len(info) == 1 and info[0].exc_info is None and "site-failed: boom" in info[0].message
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)

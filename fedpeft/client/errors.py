@@ -77,7 +77,10 @@ def error_reply(msg: Message, error: BaseException) -> Message:
         msg.metadata.group_id,
         code,
         error,
-        exc_info=code in (K.ERR_SITE_FAILED, K.ERR_BAD_INSTRUCTION),
     )
+    # One line above (a simulation prints it per site per round); the traceback only where
+    # the log keeps DEBUG (``fedpeft worker`` does for this logger), not on a console.
+    if code in (K.ERR_SITE_FAILED, K.ERR_BAD_INSTRUCTION):
+        logger.debug("traceback of the %s above", code, exc_info=error)
     number, text = K.SITE_ERRORS[code]
     return Message(Error(code=number, reason=f"{code}: {text}"), reply_to=msg)
