@@ -153,8 +153,12 @@ def test_ledger_survives_runs_and_the_second_run_fits_the_rest(tmp_path: Path) -
 
 
 def test_impossible_target_is_an_error_before_training(tmp_path: Path) -> None:
-    config = _config(tmp_path, "privacy.epsilon=0.001", "federation.rounds=1")
-    run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
+    from fedpeft.server.app import FederationAborted
+
+    config = _config(tmp_path, "privacy.epsilon=0.001", "federation.rounds=2")
+    # every site refuses: the federation ends after round 1 instead of repeating it
+    with pytest.raises(FederationAborted, match="no site can train"):
+        run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
     (row,) = _rows(tmp_path / "run")
     assert not row["updated"] and row["sites_failed"] == 3
     assert all(reason.startswith(K.ERR_SITE_CONFIG) for reason in row["failures"].values())

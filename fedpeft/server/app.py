@@ -423,14 +423,14 @@ class Federation:
             start = time.perf_counter()
             nodes = wait_for_nodes(self.grid, minimum=fed.min_sites, timeout=fed.round_timeout)
             usable = self.available(nodes)
-            if len(usable) < fed.min_sites:
-                self.abort(
-                    round_number,
-                    f"{len(usable)} site(s) left with privacy budget before round "
-                    f"{round_number}, federation.min_sites={fed.min_sites} "
+            if len(usable) < fed.min_sites:  # budgets spent: the designed end, not an abort
+                self.progress.message(
+                    f"federation ended before round {round_number}: {len(usable)} site(s) left "
+                    f"with privacy budget, federation.min_sites={fed.min_sites} "
                     f"({len(self.privacy.exhausted)} exhausted: "
-                    f"{', '.join(sorted(self.privacy.exhausted))})",
+                    f"{', '.join(sorted(self.privacy.exhausted))})"
                 )
+                break
             sampled = sample_nodes(self.rng, usable, fraction=fed.fraction, minimum=fed.min_sites)
             row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
             phases = {"nodes": time.perf_counter() - start}
