@@ -193,11 +193,11 @@ class Federation:
         failures: Mapping[str, str] = row["failures"]
         for node in contributors:
             self.refusing.pop(str(node), None)
-        for node, reason in failures.items():
+        for failed, reason in failures.items():
             if reason.split(":", 1)[0] in STANDING_REFUSALS:
-                self.refusing[node] = reason
+                self.refusing[failed] = reason
             else:  # a failure that may pass: this node may train next round
-                self.refusing.pop(node, None)
+                self.refusing.pop(failed, None)
 
     def none_can_train(self, nodes: Sequence[int], contributors: Sequence[int]) -> str | None:
         """Why no site can train, or None.
