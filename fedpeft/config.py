@@ -44,12 +44,16 @@ class ModelConfig:
     """Which base model to load and for which task.
 
     ``loader`` picks from :data:`fedpeft.model.MODEL_LOADERS`: ``minilm`` (embedded
-    all-MiniLM-L6-v2), ``local`` (any Hugging Face folder at ``path``), ``tiny-bert`` /
+    all-MiniLM-L6-v2), ``local`` (any Hugging Face folder at ``path``), ``smollm2``
+    (embedded SmolLM2-135M-Instruct, dequantised once into ``cache_dir``), ``tiny-bert`` /
     ``tiny-llama`` (random tiny models built in-process, for tests).
     """
 
     loader: str = "minilm"
     path: str | None = None
+    # Where built model folders are cached (smollm2); null: $XDG_CACHE_HOME/fedpeft or
+    # ~/.cache/fedpeft. A machine's $FEDPEFT_CACHE wins (see fedpeft.model_cache).
+    cache_dir: str | None = None
     task: str = "classification"
     num_labels: int = 2
     max_length: int = 64
