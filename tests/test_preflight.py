@@ -118,6 +118,25 @@ def _federation() -> Any:
     return fed
 
 
+def test_budgets_spent_on_rounds_that_trained_end_normally_not_as_an_abort(
+    tmp_path: Path,
+) -> None:
+    from fedpeft.server.rundir import RunDir
+
+    budget = f"{K.ERR_BUDGET}: the round would exceed this site's privacy budget"
+    fed = _federation()
+    fed.run_dir = RunDir(tmp_path / "run")
+    fed.note_answers({"failures": {"1": budget, "2": budget}}, [])
+    # no round ever trained: the budget could never allow one (an impossible target)
+    assert "no site can train" in str(fed.none_can_train([1, 2], []))
+    # after a round that trained, budgets running out is the federation's normal end
+    fed.run_dir.append_metrics({"round": 1, "updated": True})
+    assert fed.none_can_train([1, 2], []) is None
+    # but a site refusing for another standing reason still counts
+    fed.note_answers({"failures": {"2": f"{K.ERR_SITE_CONFIG}: does not fit"}}, [])
+    assert "no site can train" in str(fed.none_can_train([1, 2], []))
+
+
 def test_no_site_can_train_only_when_every_connected_site_refused() -> None:
     refusal = f"{K.ERR_SITE_CONFIG}: this site's configuration does not fit the run"
     transient = f"{K.ERR_SITE_FAILED}: the site failed to handle the message"

@@ -88,7 +88,7 @@ def _config(tmp_path: Path, mode: str) -> FedPeftConfig:
     )
 
 
-def _node_configs(tmp_path: Path, ledgers: str) -> dict[int, dict[str, Any]]:
+def _node_configs(tmp_path: Path, ledgers: str, **extra: Any) -> dict[int, dict[str, Any]]:
     configs = {}
     for node in NODES:
         # One CSV per site shared by both federations: a site's seed includes its data path.
@@ -100,6 +100,7 @@ def _node_configs(tmp_path: Path, ledgers: str) -> dict[int, dict[str, Any]]:
             K.NODE_LEDGER_PATH: str(tmp_path / ledgers / f"ledger{node}.json"),
             K.NODE_EPSILON_MAX: 100.0,  # required at a deployed site; the run's ε applies
             K.NODE_DELTA: 1e-5,  # and its own δ
+            **extra,
         }
     return configs
 
@@ -207,9 +208,14 @@ def _one_round(tmp_path: Path, *extra: str) -> FedPeftConfig:
     )
 
 
+def _plain_sites(tmp_path: Path) -> dict[int, dict[str, Any]]:
+    """Sites that accept a run without DP (these federations are about the run directory)."""
+    return _node_configs(tmp_path, "ledgers", **{K.NODE_PRIVACY_REQUIRED: "false"})
+
+
 def test_resume_after_the_last_round_runs_nothing(tmp_path: Path) -> None:
     config = _one_round(tmp_path)
-    grid = InProcessGrid(make_client_app(config), _node_configs(tmp_path, "ledgers"))
+    grid = InProcessGrid(make_client_app(config), _plain_sites(tmp_path))
     run_federation(grid, config, run_dir=tmp_path / "run")
     sent = len(grid.sent)
     rows = run_federation(grid, config, run_dir=tmp_path / "run", resume=True)
@@ -218,7 +224,7 @@ def test_resume_after_the_last_round_runs_nothing(tmp_path: Path) -> None:
 
 def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
     config = _one_round(tmp_path)
-    grid = InProcessGrid(make_client_app(config), _node_configs(tmp_path, "ledgers"))
+    grid = InProcessGrid(make_client_app(config), _plain_sites(tmp_path))
     run_federation(grid, config, run_dir=tmp_path / "run")
     sent = len(grid.sent)
     other = _one_round(tmp_path, "train.local_steps=4")

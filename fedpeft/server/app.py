@@ -204,9 +204,15 @@ class Federation:
 
         The rule: a round without a single usable update in which *every connected* site's
         latest train answer was a standing refusal (:data:`STANDING_REFUSALS`). One
-        transient failure, a timeout, or a site not sampled yet keeps the federation going.
+        transient failure, a timeout, or a site not sampled yet keeps the federation going;
+        budgets that ran out after rounds that trained end it normally, not as an abort.
         """
         if contributors or not nodes or not all(str(n) in self.refusing for n in nodes):
+            return None
+        codes = {self.refusing[str(n)].split(":", 1)[0] for n in nodes}
+        if codes == {K.ERR_BUDGET} and any(r.get("updated") for r in self.run_dir.read_metrics()):
+            # the budgets were spent on rounds that trained: the federation's normal end
+            # ("no site left with privacy budget"), not a federation that could never train
             return None
         reasons: dict[str, list[str]] = {}
         for node in nodes:
