@@ -50,8 +50,12 @@ def _simulate(args: argparse.Namespace) -> int:
         return EXIT_ABORTED
     print(summary_table(result.rows))
     last = result.rows[-1]
-    acc = last.get("eval_accuracy")
-    print(f"\nfinal eval accuracy: {acc:.3f}" if acc is not None else "\nno evaluation ran")
+    acc, ppl = last.get("eval_accuracy"), last.get("eval_perplexity")
+    if ppl is not None:  # a causal LM: perplexity on the held-out response tokens
+        token = f" (token accuracy {acc:.3f})" if acc is not None else ""
+        print(f"\nfinal eval perplexity: {ppl:.2f}{token}")
+    else:
+        print(f"\nfinal eval accuracy: {acc:.3f}" if acc is not None else "\nno evaluation ran")
     print(f"run directory: {result.run_dir.resolve()}")
     return 0
 

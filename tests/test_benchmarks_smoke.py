@@ -7,6 +7,7 @@ never into ``benchmarks/results``. Only the shape of the results is checked, nev
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -211,3 +212,20 @@ def test_deployment_latency(tmp_path: Path) -> None:
     task = report["results"][0]["site_task_s"]  # parsed from the workers' logs
     assert 0 < task["app"] < task["task"]
     assert report["fresh_process_imports"]["training_stack_s"] > 0
+
+
+@pytest.mark.slow
+def test_instruct(tmp_path: Path) -> None:
+    out = tmp_path / "instruct.json"
+    run_script("instruct.py", "--quick", "--out", str(out))
+    report = load(out)
+    assert report["benchmark"] == "instruct"
+    t = report["throughput"]
+    assert t["tokens_per_second"]["dp"]["median"] > 0
+    assert t["tokens_per_second"]["plain"]["median"] > 0
+    q = report["quality"]
+    (row,) = q["per_seed"]
+    for name in ("dp_federation", "nonprivate_federation", "centralised"):
+        assert math.isfinite(row[name]["perplexity"]) and row[name]["perplexity"] > 1
+    assert row["held_out_examples"] > 0
+    assert q["dp_over_nonprivate"]["median"] == pytest.approx(row["dp_over_nonprivate"])

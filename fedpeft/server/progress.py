@@ -35,10 +35,12 @@ class Progress:
     def round_done(self, row: dict[str, Any]) -> None:
         eps = row.get("epsilon_max")
         privacy = f" | ε≤{eps:.2f}" if eps is not None else ""
+        ppl = row.get("eval_perplexity")  # causal LM: perplexity beside token accuracy
+        perplexity = f" ppl {ppl:.2f}" if ppl is not None else ""
         print(
             f"round {row['round']}/{row['rounds']} | sites {row['sites_replied']}/"
             f"{row['sites_sampled']} (failed {row['sites_failed']}) | train loss "
-            f"{_fmt(row['train_loss'])} | eval loss {_fmt(row['eval_loss'])} acc "
+            f"{_fmt(row['train_loss'])} | eval loss {_fmt(row['eval_loss'])}{perplexity} acc "
             f"{_fmt(row['eval_accuracy'])} | up {_fmt_bytes(row['bytes_up'])} down "
             f"{_fmt_bytes(row['bytes_down'])} | {row['seconds']:.1f} s{privacy}",
             file=self.stream,
