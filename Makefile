@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo instruct test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/fedpeft simulate
+
+# SmolLM2-135M-Instruct federated over chat data, DP-SGD and secure aggregation on
+instruct: setup
+	$(BIN)/fedpeft simulate experiment=instruct
 
 lint: setup
 	$(BIN)/ruff check fedpeft tests benchmarks simulations

@@ -405,6 +405,76 @@ def section_dp(report: dict[str, Any]) -> list[str]:
     return [*out, _table(["variant", "samples / s", "time ÷ plain"], table), ""]
 
 
+def section_instruct(report: dict[str, Any]) -> list[str]:
+    out = ["## Instruction tuning SmolLM2-135M-Instruct (`instruct.py`)", ""]
+    t = report.get("throughput")
+    if t:
+        tps = t["tokens_per_second"]
+        ratio = t["dp_over_plain"]
+        out += [
+            f"Tokens per second of one site's local round ({t['site']}, "
+            f"{t['site_train_examples']} training conversations, {t['steps']} steps, batch "
+            f"{t['batch_size']}; DP: Poisson q = {t['sample_rate']}, expected batch "
+            f"{t['expected_dp_batch']:.1f}, {t['clipping']} clipping), {t['repeats']} "
+            "interleaved repeats: median (min–max).",
+            "",
+            _table(
+                ["variant", "tokens / s", "round seconds"],
+                [
+                    [
+                        name,
+                        f"{v['median']:.1f} ({v['min']:.1f}–{v['max']:.1f})",
+                        f"{sec['median']:.1f} ({sec['min']:.1f}–{sec['max']:.1f})",
+                    ]
+                    for name, v, sec in (
+                        ("non-DP", tps["plain"], t["round_seconds"]["plain"]),
+                        ("DP-SGD", tps["dp"], t["round_seconds"]["dp"]),
+                    )
+                ],
+            ),
+            "",
+            "Tokens are those the round read: a DP round's Poisson batches vary in size (and "
+            "their conversations in length), so it may read more tokens than the plain round's "
+            "fixed batches in a longer round; tokens / s compares the work per second.",
+            "",
+            f"DP ÷ non-DP: {ratio['median']:.3f} ({ratio['min']:.3f}–{ratio['max']:.3f}); "
+            f"target ≥ 0.85: {_yes(t['met'])}.",
+            "",
+        ]
+    q = report.get("quality")
+    if q:
+        names = {
+            "untrained": "untrained base",
+            "centralised": "centralised, no DP",
+            "nonprivate_federation": "federation, no DP",
+            "dp_federation": f"federation, DP ε = {q['epsilon']:g} + SecAgg+",
+        }
+        rows = [
+            [label, f"{q['perplexity'][key]['median']:.3f}", _per_seed(q, key)]
+            for key, label in names.items()
+        ]
+        r = q["dp_over_nonprivate"]
+        out += [
+            f"Held-out perplexity (response tokens, the union of the {q['sites']} sites' own "
+            f"held-out splits) after {q['rounds']} rounds × {q['local_steps']} local steps "
+            f"(centralised: the same number of steps on the union of the training splits), "
+            f"{q['seeds']} seeds.",
+            "",
+            _table(["variant", "median", "per seed"], rows),
+            "",
+            f"DP ÷ non-private federation: median {r['median']:.3f} ({r['min']:.3f}–"
+            f"{r['max']:.3f}); target ≤ 1.10 (mean): {_yes(q['met'])}.",
+            "",
+        ]
+    return out
+
+
+def _per_seed(quality: dict[str, Any], key: str) -> str:
+    if key == "untrained":
+        return ", ".join(f"{r['base_perplexity']:.3f}" for r in quality["per_seed"])
+    return ", ".join(f"{r[key]['perplexity']:.3f}" for r in quality["per_seed"])
+
+
 def section_primitives(report: dict[str, Any]) -> list[str]:
     out = ["## fedpeft SecAgg+ with drop-outs (`secagg_primitives.py`)", ""]
     table = [
@@ -691,6 +761,9 @@ def write_report(results: Path, readme: Path) -> list[Path]:
     dp = _load(results, "dp_throughput")
     if dp:
         lines += section_dp(dp)
+    instruct = _load(results, "instruct")
+    if instruct:
+        lines += section_instruct(instruct)
     prim = _load(results, "secagg_primitives")
     if prim:
         lines += section_primitives(prim)

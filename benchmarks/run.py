@@ -64,6 +64,7 @@ BENCHMARKS = [
     Bench("secagg_primitives", None, []),
     Bench("quality", None, [], out_is_folder=True),
     Bench("deployment_latency", None, []),
+    Bench("instruct", None, []),  # SmolLM2: ≈ 20 min on 2 cores (3 repeats, 3 seeds)
 ]
 
 
