@@ -528,7 +528,8 @@ def test_the_noise_in_an_update_does_not_reveal_the_sites_size(tmp_path: Path) -
 def test_a_signed_federation_trains_and_an_unsigned_one_costs_nothing(
     tmp_path: Path, keys: dict[str, Path], secure: bool
 ) -> None:
-    from fedpeft.server.app import run_federation
+    from fedpeft.server.app import FederationAborted, run_federation
+    from fedpeft.server.rundir import RunDir
 
     config = _config(tmp_path, f"secagg.enabled={str(secure).lower()}", "federation.rounds=1")
     trusted = {K.NODE_COORDINATOR_PUBLIC_KEY: str(keys["trusted.pub"])}
@@ -547,12 +548,15 @@ def test_a_signed_federation_trains_and_an_unsigned_one_costs_nothing(
     assert row["updated"] and row["sites_replied"] == 3 and row["eval_sites"] == 3
     before = ledgers()
     for key in (None, load_private_key(keys["other"])):  # anyone else, with or without a key
-        (row,) = run_federation(
-            InProcessGrid(make_client_app(config), nodes),
-            config,
-            run_dir=tmp_path / f"rogue-{key is None}",
-            signing_key=key,
-        )
+        rogue = tmp_path / f"rogue-{key is None}"
+        with pytest.raises(FederationAborted, match="unsigned-instruction"):  # no site trains
+            run_federation(
+                InProcessGrid(make_client_app(config), nodes),
+                config,
+                run_dir=rogue,
+                signing_key=key,
+            )
+        (row,) = RunDir(rogue).read_metrics()
         assert not row["updated"] and row["sites_failed"] == 3 and row["eval_sites"] == 0
         assert set(row["failures"].values()) == {_fixed(K.ERR_SIGNATURE)}
         assert ledgers() == before  # nothing charged, nothing evaluated
