@@ -244,6 +244,7 @@ class LoopbackDeployment:
             if self.secure:
                 self.flwr("supernode", "register", str(key.public_key), CONNECTION)
             ledger = self.root / "ledgers" / f"{key.name}.json"
+            ledger.parent.mkdir(parents=True, exist_ok=True)  # the site operator's folder
             sites.append(SiteFiles(key.name, csv, ledger, key.private_key, key.public_key))
         return sites
 

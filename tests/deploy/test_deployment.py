@@ -118,12 +118,15 @@ def test_secure_private_federation_over_tls(tmp_path: Path) -> None:
         before = {site.name: _ledger(site.ledger) for site in sites}
 
         # Anyone who reaches the Control API can submit a run; unsigned, it costs no site a
-        # thing: every site refuses with the fixed code and charges nothing.
+        # thing: every site refuses with the fixed code and charges nothing, and the
+        # federation ends at once (no site can train) with the reason on record.
         rogue_dir = tmp_path / "rogue-run"
-        rogue = dep.submit(f"{BASE} federation.rounds=1 output_dir={rogue_dir}", signed=False)
-        record = dep.wait_run(rogue, timeout=300, ready=lambda: _rounds_done(rogue_dir) == 1)
-        assert record["status"] == "finished:completed", dep.tail()
-        (rogue_row,) = RunDir(rogue_dir).read_metrics()
+        rogue = dep.submit(f"{BASE} federation.rounds=2 output_dir={rogue_dir}", signed=False)
+        aborted = rogue_dir / "aborted.json"
+        record = dep.wait_run(rogue, timeout=300, ready=aborted.is_file)
+        assert record["status"] == "finished:failed", dep.tail()
+        assert K.ERR_SIGNATURE in json.loads(aborted.read_text())["reason"]
+        (rogue_row,) = RunDir(rogue_dir).read_metrics()  # round 2 never started
         assert not rogue_row["updated"] and rogue_row["sites_failed"] == 3
         assert all(reason.startswith(K.ERR_SIGNATURE) for reason in rogue_row["failures"].values())
         assert {site.name: _ledger(site.ledger) for site in sites} == before
