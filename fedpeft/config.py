@@ -153,6 +153,9 @@ class FederationConfig:
     # machine's cores, i.e. one site trains at a time (fastest on a small CPU machine).
     client_cpus: float = 0.0
     client_gpus: float = 0.0
+    # Simulation only: an existing Ray cluster (its head's HOST:PORT, or "auto" for the one
+    # this machine has joined) to run the virtual sites on, instead of a private local Ray.
+    ray_address: str | None = None
 
 
 @dataclass
@@ -379,6 +382,25 @@ def _problems(config: FedPeftConfig) -> list[str]:
             f"[1, federation.num_sites={f.num_sites}]",
         ),
         (
+            f.ray_address is None or _valid_ray_address(f.ray_address),
+            f"federation.ray_address={f.ray_address!r}: allowed 'auto' or a Ray head's "
+            "HOST:PORT (its GCS address, printed by `ray start --head`), e.g. "
+            "federation.ray_address=10.0.0.5:6379; null starts a private Ray on this machine",
+        ),
+        (
+            f.ray_address is None or f.client_cpus > 0,
+            f"federation.ray_address={f.ray_address!r} with federation.client_cpus="
+            f"{f.client_cpus}: on a cluster each virtual site must reserve a number of cores "
+            "(and trains with that many threads); set e.g. federation.client_cpus=4",
+        ),
+        (
+            f.ray_address is None or not config.privacy.enabled or bool(config.privacy.ledger_dir),
+            f"federation.ray_address={f.ray_address!r} with privacy.enabled=true needs "
+            "privacy.ledger_dir=PATH on a filesystem every node of the cluster shares: a "
+            "virtual site may run on another node in a later round and must find its own "
+            "ledger there (else it would be charged from zero)",
+        ),
+        (
             f.partition in PARTITIONS,
             f"federation.partition={f.partition!r}: allowed {list(PARTITIONS)}",
         ),
@@ -458,6 +480,14 @@ def _problems(config: FedPeftConfig) -> list[str]:
         ),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _valid_ray_address(address: str) -> bool:
+    """``auto`` or ``HOST:PORT`` with a port in 1..65535 (no ``ray://`` client URLs)."""
+    if address == "auto":
+        return True
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and "/" not in host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def validate(config: FedPeftConfig) -> None:

@@ -13,7 +13,8 @@ and :func:`fedpeft.data.partition_dataset` (columns, labels, partition sizes),
 partition's train / held-out split) and :func:`fedpeft.client.privacy.plan_noise` (each
 site's δ and calibrated σ, with the history of an existing ledger in
 ``privacy.ledger_dir``). The model is checked without loading weights: the loader's
-package or folder and its ``config.json``. It does not tokenise, load a model or write a
+package or folder and its ``config.json``; a ``federation.ray_address`` of ``HOST:PORT`` is
+checked to answer a TCP connection. It does not tokenise, load a model or write a
 ledger; what only shows when a site trains (out of memory, a broken weight file) is still
 a recorded site failure (:mod:`fedpeft.client.errors`).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -157,6 +159,7 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
 
     start = time.perf_counter()
     problems: list[tuple[int | None, str]] = [(None, p) for p in _model_problems(config.model)]
+    problems += [(None, p) for p in _ray_problems(config.federation.ray_address)]
     sizes: dict[int, int] = {}
     try:
         table = load_dataset(config.data, config.model.task, seed=config.seed)
@@ -226,6 +229,22 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
         noise_multipliers=tuple(sigmas),
         seconds=time.perf_counter() - start,
     )
+
+
+def _ray_problems(address: str | None, *, timeout: float = 5.0) -> list[str]:
+    """A Ray head's ``HOST:PORT`` that nothing answers on (``auto`` is Ray's to resolve)."""
+    if address is None or address == "auto":
+        return []
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return []
+    except OSError as err:
+        return [
+            f"federation.ray_address={address!r}: no Ray head answers there ({err}); start "
+            "one with `ray start --head --port=PORT` on that machine, fix the address, or "
+            "drop the setting to run a private Ray on this machine"
+        ]
 
 
 def check_node_config(

@@ -35,19 +35,29 @@ class SimulationResult:
 
 
 def backend_config(config: FedPeftConfig) -> dict[str, Any]:
-    """Flower's Ray backend settings: resources per site, loopback only, no dashboard."""
+    """Flower's Ray backend settings: resources per site, loopback only, no dashboard.
+
+    With ``federation.ray_address`` the backend joins that cluster (``ray.init(address=…)``)
+    instead of starting a private Ray: the cluster's own resources, network and dashboard
+    apply, so nothing about cores, interface or dashboard is passed (Ray refuses them when
+    it connects to an existing cluster).
+    """
     cores = os.cpu_count() or 1
     fed = config.federation
     cpus = fed.client_cpus if fed.client_cpus > 0 else float(cores)
-    return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": fed.client_gpus},
-        "init_args": {
+    logging = {"logging_level": "error", "log_to_driver": True}
+    if fed.ray_address is not None:
+        init_args: dict[str, Any] = {"address": fed.ray_address, **logging}
+    else:
+        init_args = {
             "num_cpus": cores,
             "include_dashboard": False,
             "_node_ip_address": "127.0.0.1",
-            "logging_level": "error",
-            "log_to_driver": True,
-        },
+            **logging,
+        }
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": fed.client_gpus},
+        "init_args": init_args,
     }
 
 
