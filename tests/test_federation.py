@@ -27,6 +27,7 @@ def _grid(
     *,
     tamper: Tamper | None = None,
     bad_node: int | None = None,
+    grid_type: type[InProcessGrid] = InProcessGrid,
 ) -> InProcessGrid:
     """Three sites, each with its own CSV file (a real site's node config)."""
     configs: dict[int, dict[str, Any]] = {}
@@ -36,7 +37,7 @@ def _grid(
             K.NODE_DATA_PATH: str(path if node != bad_node else tmp_path / "gone.csv"),
             K.NODE_PRIVACY_REQUIRED: "false",  # a plain run: these sites waive DP
         }
-    return InProcessGrid(make_client_app(config), configs, tamper=tamper)
+    return grid_type(make_client_app(config), configs, tamper=tamper)
 
 
 def test_server_receives_exactly_the_trainable_adapter(cls_csv: Path, tmp_path: Path) -> None:
@@ -154,3 +155,38 @@ def test_checkpoint_holds_the_global_adapter(cls_csv: Path, tmp_path: Path) -> N
         "round-0001",
         "round-0002",
     ]
+
+
+class _ReversedGrid(InProcessGrid):
+    """Replies arrive in the opposite order (as they may, from sites of different speed)."""
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+
+def test_the_sum_does_not_depend_on_the_order_replies_arrive_in(
+    cls_csv: Path, tmp_path: Path
+) -> None:
+    """Equal weights and updates +1e17, -1e17 and 1: summed in arrival order, one order
+    gives 1 and the other 0 (1 - 1e17 rounds to -1e17), so the global adapter would differ."""
+    values = {11: 1e17, 22: -1e17, 33: 1.0}
+
+    def crafted(node: int, reply: Message) -> Message:
+        if K.LAYOUT in reply.content.config_records:
+            flat = reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy()
+            update = np.full_like(flat, values[node])
+            reply.content.array_records[K.ARRAYS] = ArrayRecord({K.ARRAY_FLAT: Array(update)})
+            reply.content.metric_records[K.METRICS][K.MET_NUM_EXAMPLES] = 1
+        return reply
+
+    config = tiny_config("classification", cls_csv, "federation.rounds=1")
+    results = []
+    for name, grid_type in (("arrival", InProcessGrid), ("reversed", _ReversedGrid)):
+        (tmp_path / name).mkdir()
+        grid = _grid(config, tmp_path / name, tamper=crafted, grid_type=grid_type)
+        federation = Federation(grid, config, RunDir(tmp_path / name / "run"), Progress())
+        start = federation.global_flat.copy()
+        federation.run()
+        results.append(federation.global_flat - start)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert np.all(np.isin(results[0], [np.float32(0.0), np.float32(1 / 3)]))

@@ -14,6 +14,7 @@ instruction carries the coordinator's signature.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -34,6 +35,11 @@ from fedpeft.ranks import layout_rank, nonzero_beyond_rank, slot_weighted_mean
 from fedpeft.server.validation import ReplyRejected, TrainReply, check_train_reply
 
 logger = logging.getLogger(__name__)
+
+
+def _canonical_key(reply: TrainReply) -> tuple[int, bytes]:
+    """An order for summing updates that depends on them only (examples, then content)."""
+    return reply.num_examples, hashlib.sha256(reply.delta.tobytes()).digest()
 
 
 @dataclass
@@ -303,6 +309,10 @@ class PlainAggregation(Aggregation):
                 logger.warning("round %d: update rejected: %s", request.round_number, err)
         answered = {r.metadata.src_node_id for r in replies}
         outcome.dropped = [n for n in request.nodes if n not in answered]
+        # Replies arrive in any order and node ids are drawn anew in every simulation: sum in
+        # an order fixed by the updates themselves, so a float sum does not vary run to run.
+        order = sorted(range(len(accepted)), key=lambda i: _canonical_key(accepted[i]))
+        accepted, ranks = [accepted[i] for i in order], [ranks[i] for i in order]
         outcome.contributors = [r.node_id for r in accepted]
         outcome.bytes_up = sum(r.bytes_up for r in accepted)
         reported = [r for r in accepted if math.isfinite(r.train_loss)]  # none under DP
