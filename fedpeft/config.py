@@ -384,7 +384,8 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (
             f.ray_address is None or _valid_ray_address(f.ray_address),
             f"federation.ray_address={f.ray_address!r}: allowed 'auto' or a Ray head's "
-            "HOST:PORT (its GCS address, printed by `ray start --head`), e.g. "
+            "HOST:PORT (its GCS address, printed by `ray start --head`; an IPv6 host in "
+            "brackets), e.g. "
             "federation.ray_address=10.0.0.5:6379; null starts a private Ray on this machine",
         ),
         (
@@ -399,6 +400,19 @@ def _problems(config: FedPeftConfig) -> list[str]:
             "privacy.ledger_dir=PATH on a filesystem every node of the cluster shares: a "
             "virtual site may run on another node in a later round and must find its own "
             "ledger there (else it would be charged from zero)",
+        ),
+        (
+            f.ray_address is None
+            or all(
+                Path(p).is_absolute()
+                for p in (config.privacy.ledger_dir, config.data.path, config.model.path)
+                if p
+            ),
+            f"federation.ray_address={f.ray_address!r} with a relative path "
+            f"(privacy.ledger_dir={config.privacy.ledger_dir!r}, data.path="
+            f"{config.data.path!r}, model.path={config.model.path!r}): a virtual site "
+            "resolves it on the node it runs on, in that node's working folder; give absolute "
+            "paths",
         ),
         (
             f.partition in PARTITIONS,
@@ -483,11 +497,16 @@ def _problems(config: FedPeftConfig) -> list[str]:
 
 
 def _valid_ray_address(address: str) -> bool:
-    """``auto`` or ``HOST:PORT`` with a port in 1..65535 (no ``ray://`` client URLs)."""
+    """``auto`` or ``HOST:PORT`` with a port in 1..65535 (no ``ray://`` client URLs; an IPv6
+    host in brackets, ``[::1]:6379``, as Ray parses it)."""
     if address == "auto":
         return True
     host, sep, port = address.rpartition(":")
-    return bool(sep and host and "/" not in host and port.isdigit() and 0 < int(port) < 65536)
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    plain = bool(host) and ":" not in host and "[" not in host and "]" not in host
+    return bool(sep and "/" not in host and (bracketed or plain) and port.isdigit()) and (
+        0 < int(port) < 65536
+    )
 
 
 def validate(config: FedPeftConfig) -> None:

@@ -189,4 +189,5 @@ def test_the_sum_does_not_depend_on_the_order_replies_arrive_in(
         federation.run()
         results.append(federation.global_flat - start)
     np.testing.assert_array_equal(results[0], results[1])
-    assert np.all(np.isin(results[0], [np.float32(0.0), np.float32(1 / 3)]))
+    # one of the two sums, whichever the content order gives
+    assert np.allclose(results[0], 0.0, atol=1e-6) or np.allclose(results[0], 1 / 3, atol=1e-6)

@@ -33,13 +33,29 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize(
     "address",
-    ["ray://10.0.0.5:10001", "10.0.0.5", "10.0.0.5:0", "10.0.0.5:65536", ":6379", "auto:x"],
+    ["ray://10.0.0.5:10001", "10.0.0.5", "10.0.0.5:0", "10.0.0.5:65536", ":6379", "auto:x"]
+    + ["::1:6379", "[]:6379", "[::1:6379"],  # IPv6 only in brackets, as Ray parses it
 )
 def test_a_malformed_ray_address_is_refused_with_what_is_allowed(address: str) -> None:
     with pytest.raises(ConfigError) as err:
         compose_config(["federation.client_cpus=1", f"federation.ray_address='{address}'"])
     assert f"federation.ray_address={address!r}" in str(err.value)
     assert "HOST:PORT" in str(err.value) and "'auto'" in str(err.value)
+
+
+def test_a_bracketed_ipv6_head_is_accepted() -> None:
+    config = compose_config(
+        ["federation.client_cpus=1", "privacy.enabled=false", "federation.ray_address='[::1]:6379'"]
+    )
+    assert config.federation.ray_address == "[::1]:6379"
+
+
+def test_paths_on_a_cluster_must_be_absolute(tmp_path: Path) -> None:
+    cluster = ["federation.ray_address=auto", "federation.client_cpus=1", "privacy.enabled=true"]
+    for relative in ("privacy.ledger_dir=ledgers", "data.path=data/all.csv", "model.path=m"):
+        others = [f"privacy.ledger_dir={tmp_path}"] if "ledger" not in relative else []
+        with pytest.raises(ConfigError, match="node's working folder; give absolute paths"):
+            compose_config([*cluster, *others, relative])
 
 
 def test_a_cluster_needs_cores_per_site() -> None:
@@ -133,8 +149,14 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(cls_csv: Path, tmp_path: P
         driver = subprocess.Popen(
             command, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        output, _ = driver.communicate(timeout=600)
+        try:
+            output, _ = driver.communicate(timeout=600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()  # by its pid; its Ray connection ends with it
+                driver.wait(timeout=60)
         assert driver.returncode == 0, output.decode(errors="replace")[-4000:]
+        assert "Local node IP: 127.0.0.1" in (tmp_path / "head.log").read_text()  # loopback
 
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2]
