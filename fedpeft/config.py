@@ -382,7 +382,7 @@ def _problems(config: FedPeftConfig) -> list[str]:
             f"[1, federation.num_sites={f.num_sites}]",
         ),
         (
-            f.ray_address is None or _valid_ray_address(f.ray_address),
+            f.ray_address in (None, "auto") or ray_head(str(f.ray_address)) is not None,
             f"federation.ray_address={f.ray_address!r}: allowed 'auto' or a Ray head's "
             "HOST:PORT (its GCS address, printed by `ray start --head`; an IPv6 host in "
             "brackets), e.g. "
@@ -496,17 +496,18 @@ def _problems(config: FedPeftConfig) -> list[str]:
     return [message for ok, message in checks if not ok]
 
 
-def _valid_ray_address(address: str) -> bool:
-    """``auto`` or ``HOST:PORT`` with a port in 1..65535 (no ``ray://`` client URLs; an IPv6
-    host in brackets, ``[::1]:6379``, as Ray parses it)."""
-    if address == "auto":
-        return True
-    host, sep, port = address.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
-    plain = bool(host) and ":" not in host and "[" not in host and "]" not in host
-    return bool(sep and "/" not in host and (bracketed or plain) and port.isdigit()) and (
-        0 < int(port) < 65536
-    )
+def ray_head(address: str) -> tuple[str, int] | None:
+    """Host and port of a ``federation.ray_address`` of the form ``HOST:PORT`` (port
+    1..65535, an IPv6 host in brackets, ``[::1]:6379``, as Ray parses it); None otherwise
+    (``auto``, a ``ray://`` client URL, a malformed address)."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # IPv6: its colons are inside the brackets
+    elif ":" in host:
+        return None
+    if not host or any(c in host for c in "[]/") or not port.isdigit():
+        return None
+    return (host, int(port)) if 0 < int(port) < 65536 else None
 
 
 def validate(config: FedPeftConfig) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpeft import constants as K
-from fedpeft.config import ConfigError, FedPeftConfig, ModelConfig
+from fedpeft.config import ConfigError, FedPeftConfig, ModelConfig, ray_head
 
 if TYPE_CHECKING:
     from fedpeft.client.rules import SiteRules
@@ -233,11 +233,11 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
 
 def _ray_problems(address: str | None, *, timeout: float = 5.0) -> list[str]:
     """A Ray head's ``HOST:PORT`` that nothing answers on (``auto`` is Ray's to resolve)."""
-    if address is None or address == "auto":
+    head = ray_head(address) if address is not None else None
+    if head is None:  # none, or auto (the address itself was checked with the config)
         return []
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+        with socket.create_connection(head, timeout=timeout):
             return []
     except OSError as err:
         return [
