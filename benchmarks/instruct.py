@@ -51,7 +51,7 @@ from fedpeft.client.train import DPSettings, evaluate_local, train_local  # noqa
 from fedpeft.config import FedPeftConfig, compose_config  # noqa: E402
 from fedpeft.data import TokenizedDataset  # noqa: E402
 from fedpeft.model import get_flat  # noqa: E402
-from fedpeft.server.progress import Progress  # noqa: E402
+from fedpeft.console import Console  # noqa: E402
 from fedpeft.server.rundir import RunDir  # noqa: E402
 from fedpeft.server.strategies import make_strategy  # noqa: E402
 
@@ -161,7 +161,7 @@ def _federation(config: FedPeftConfig, out: Path) -> tuple[Any, float]:
     from fedpeft.simulation import simulate
 
     start = time.perf_counter()
-    simulate(config, run_dir=out, progress=Progress(stream=sys.stdout))
+    simulate(config, run_dir=out, console=Console(sys.stdout))
     checkpoint = RunDir(out).latest_checkpoint()
     if checkpoint is None or checkpoint.round != config.federation.rounds:
         raise RuntimeError(f"the federation in {out} did not finish its rounds")

@@ -27,7 +27,7 @@ def _multirun(args: argparse.Namespace) -> int:
     from fedpeft.multirun import default_sweep_dir, expand, run_multirun, summary_table
 
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir()
-    results = run_multirun(args.overrides, sweep_dir)
+    results = run_multirun(args.overrides, sweep_dir, verbose=args.verbose)
     print(summary_table(results, expand(args.overrides)))
     print(f"sweep directory: {sweep_dir.resolve()} (summary.json)")
     return 0 if all(r.status == "ok" for r in results) else EXIT_ABORTED
@@ -44,9 +44,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulation import simulate
 
     try:
-        result = simulate(config)
+        result = simulate(config, verbose=args.verbose)
     except FederationAborted as err:  # the reason is one line; its detail is in the run's log
         print(f"fedpeft: error: federation ended: {err}", file=sys.stderr)
+        return EXIT_ABORTED
+    except RuntimeError as err:  # the ServerApp stopped; its traceback is in RUN_DIR/log.txt
+        print(f"fedpeft: error: {err}", file=sys.stderr)
         return EXIT_ABORTED
     print(summary_table(result.rows))
     last = result.rows[-1]
@@ -247,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--sweep-dir", help="multirun: folder of the jobs' run dirs (default runs/multirun-<time>)"
+    )
+    sim.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show everything Flower, Ray and the libraries print (always in RUN_DIR/log.txt)",
     )
     sim.set_defaults(func=_simulate)
     audit = sub.add_parser(

@@ -389,6 +389,12 @@ def _problems(config: FedPeftConfig) -> list[str]:
             "federation.ray_address=10.0.0.5:6379; null starts a private Ray on this machine",
         ),
         (
+            float(f.client_cpus).is_integer() and f.client_cpus >= 0,
+            f"federation.client_cpus={f.client_cpus!r}: Flower's simulation reserves whole "
+            "cores per site (its federation config client-resources-num-cpus is an integer); "
+            "set 0 (every core, one site at a time) or 1, 2, ...",
+        ),
+        (
             f.ray_address is None or f.client_cpus > 0,
             f"federation.ray_address={f.ray_address!r} with federation.client_cpus="
             f"{f.client_cpus}: on a cluster each virtual site must reserve a number of cores "
@@ -538,18 +544,29 @@ def read_run_config(run_config: Mapping[str, Any]) -> RunSettings:
     The coordinator submits ``flwr run . FED --run-config 'overrides="k=v k2=v2"'``; the
     ServerApp and every ClientApp compose the same ``conf/`` with the same overrides. With
     ``resume-from="/path/to/run"`` (read by the ServerApp only) the federation whose run
-    directory that is continues after its last finished round.
+    directory that is continues after its last finished round. ``config`` carries a whole
+    composed configuration as YAML instead of overrides (``fedpeft simulate`` sends the
+    object it checked, :mod:`fedpeft.simulation`).
     """
-    from fedpeft.constants import RUN_OVERRIDES, RUN_RESUME_FROM
+    from fedpeft.constants import RUN_CONFIG, RUN_OVERRIDES, RUN_RESUME_FROM
 
-    values = {key: run_config.get(key, "") for key in (RUN_OVERRIDES, RUN_RESUME_FROM)}
+    keys = (RUN_OVERRIDES, RUN_RESUME_FROM, RUN_CONFIG)
+    values = {key: run_config.get(key, "") for key in keys}
     for key, value in values.items():
         if not isinstance(value, str):
             raise ConfigError(
                 f"run config {key}={value!r} must be a string, got {type(value).__name__}; "
                 f"quote it: --run-config '{key}=\"...\"'"
             )
-    config = _compose_cached(tuple(shlex.split(values[RUN_OVERRIDES])))
+    if values[RUN_CONFIG].strip():
+        if values[RUN_OVERRIDES].strip():
+            raise ConfigError(
+                f"run config sets both {RUN_CONFIG} (a whole configuration) and "
+                f"{RUN_OVERRIDES}={values[RUN_OVERRIDES]!r}; send one of them"
+            )
+        config = from_yaml(values[RUN_CONFIG])
+    else:
+        config = _compose_cached(tuple(shlex.split(values[RUN_OVERRIDES])))
     return RunSettings(config=config, resume_from=values[RUN_RESUME_FROM].strip() or None)
 
 

@@ -9,6 +9,9 @@ silently desynchronise the ServerApp and the ClientApp.
 # --- run config (coordinator → everyone) -------------------------------------------------
 RUN_OVERRIDES = "overrides"  # space-separated Hydra overrides, e.g. "federation.rounds=5"
 RUN_RESUME_FROM = "resume-from"  # a run directory: continue that federation after its last round
+# A whole composed configuration as YAML (``fedpeft simulate`` sends the object it checked);
+# when set, ``overrides`` must be empty.
+RUN_CONFIG = "config"
 # ServerApp only: path (on the coordinator's machine) of its Ed25519 key; it signs every
 # train and evaluate instruction with it (sites that name its public key check them).
 RUN_COORDINATOR_KEY = "coordinator-key"

@@ -106,7 +106,9 @@ def _compose(job: Job) -> FedPeftConfig:
         raise ConfigError(f"job {job.index} ({' '.join(job.overrides)}): {err}") from None
 
 
-def run_multirun(overrides: Sequence[str], sweep_dir: Path) -> list[JobResult]:
+def run_multirun(
+    overrides: Sequence[str], sweep_dir: Path, *, verbose: bool = False
+) -> list[JobResult]:
     """Run every job of the sweep; return (and write to ``summary.json``) their results.
 
     Raises
@@ -143,7 +145,7 @@ def run_multirun(overrides: Sequence[str], sweep_dir: Path) -> list[JobResult]:
         start = time.perf_counter()
         result = JobResult(job.index, list(job.overrides), str(out), status="ok")
         try:
-            rows = simulate(config, run_dir=out, check=False).rows
+            rows = simulate(config, run_dir=out, check=False, verbose=verbose).rows
         except (FederationAborted, ConfigError, RuntimeError) as err:  # the next job may run
             result.status = f"failed: {err}"
         else:

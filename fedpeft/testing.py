@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -68,21 +67,13 @@ def write_causal_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
 def offline_env(**extra: str) -> dict[str, str]:
     """This process's environment for a child process: offline, no telemetry, Ray on loopback.
 
-    Warnings are left on: a child's stderr goes to its log, where they belong.
+    Flower's and Ray's settings are :data:`fedpeft.simulation.RUNTIME_ENV`. Warnings are
+    left on: a child's stderr goes to its log, where they belong.
     """
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-    )
-    env.update(extra)
-    return env
+    from fedpeft.simulation import runtime_env
+
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return runtime_env(**{**offline, **extra})
 
 
 Tamper = Callable[[int, Message], Message | None]

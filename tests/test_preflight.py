@@ -17,13 +17,13 @@ from fedpeft.multirun import expand
 
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a simulation reaches Flower's simulation engine."""
-    import flwr.simulation
+    """Fail the test if a simulation starts Flower (its SuperLink, hence Ray)."""
+    import fedpeft.simulation
 
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("run_simulation was reached: the bad input was not caught first")
+        raise AssertionError("a SuperLink was started: the bad input was not caught first")
 
-    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
+    monkeypatch.setattr(fedpeft.simulation.SuperLink, "start", refuse)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:

@@ -24,7 +24,7 @@ import pytest
 
 from fedpeft.config import ConfigError, compose_config
 from fedpeft.preflight import preflight
-from fedpeft.simulation import backend_config
+from fedpeft.simulation import federation_config, simulation_env
 from fedpeft.testing import offline_env
 from tests.deploy.harness import free_port
 
@@ -72,26 +72,34 @@ def test_a_private_simulation_on_a_cluster_names_a_shared_ledger_folder(tmp_path
 
 
 def test_the_backend_joins_the_cluster_and_passes_no_local_resources() -> None:
-    private = backend_config(compose_config([]))
-    assert private["init_args"]["_node_ip_address"] == "127.0.0.1"
-    assert "address" not in private["init_args"]
+    private = compose_config([])
+    assert federation_config(private)["init-args-num-cpus"] == (os.cpu_count() or 1)
+    assert "RAY_ADDRESS" not in simulation_env(private)
 
-    joined = backend_config(
-        compose_config(
-            [
-                "federation.ray_address=127.0.0.1:6379",
-                "federation.client_cpus=2",
-                "privacy.enabled=false",
-            ]
-        )
+    joined = compose_config(
+        [
+            "federation.ray_address=127.0.0.1:6379",
+            "federation.client_cpus=2",
+            "privacy.enabled=false",
+        ]
     )
-    # Ray refuses num_cpus, resources, ... when it connects to an existing cluster
-    assert joined["init_args"] == {
-        "address": "127.0.0.1:6379",
-        "logging_level": "error",
-        "log_to_driver": True,
+    # Ray refuses num_cpus, resources, ... when it connects to an existing cluster; Flower's
+    # simulation config has no address field, and ray.init reads RAY_ADDRESS
+    assert federation_config(joined) == {
+        "num-supernodes": 5,
+        "client-resources-num-cpus": 2,
+        "client-resources-num-gpus": 0.0,
+        "init-args-logging-level": "error",
+        "init-args-log-to-driver": True,
     }
-    assert joined["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert simulation_env(joined)["RAY_ADDRESS"] == "127.0.0.1:6379"
+
+
+def test_a_shell_pointing_at_a_cluster_does_not_move_a_private_simulation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert "RAY_ADDRESS" not in simulation_env(compose_config([]))
 
 
 def test_no_head_at_the_address_is_found_before_ray_starts(cls_csv: Path) -> None:
@@ -163,9 +171,10 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(cls_csv: Path, tmp_path: P
         assert all(r["sites_replied"] == 3 and r["sites_failed"] == 0 for r in rows)
         assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
-        # the run's driver (this very process) and its sites ran in the head's cluster
+        # the run's driver (Flower's flwr-simulation process) and its sites ran in the head's
+        # cluster: a driver that connects leaves its log in the head's folder
         logs = temp / "session_latest" / "logs"
-        assert list(logs.glob(f"python-core-driver-*_{driver.pid}.log")), sorted(logs.iterdir())
+        assert list(logs.glob("python-core-driver-*.log")), sorted(logs.iterdir())
         actor_logs = [p for p in logs.glob("worker-*.err") if "ClientAppActor" in p.read_text()]
         assert actor_logs, "no virtual site ran on the cluster"
         assert head.poll() is None and _answers(port)  # the cluster outlives the run

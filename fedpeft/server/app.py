@@ -65,7 +65,7 @@ from fedpeft.server.aggregation import (
 from fedpeft.server.exchange import PollingGrid
 from fedpeft.server.privacy_report import PrivacyReport
 from fedpeft.server.progress import Progress
-from fedpeft.server.rundir import Checkpoint, RunDir, default_run_dir
+from fedpeft.server.rundir import ABORTED_FILE, Checkpoint, RunDir, default_run_dir
 from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.strategies import Strategy, make_strategy
 from fedpeft.server.trail import CoordinatorTrail
@@ -122,7 +122,6 @@ STANDING_REFUSALS = frozenset(
         K.ERR_SITE_CONFIG,
     }
 )
-ABORTED_FILE = "aborted.json"  # why a federation ended before its last round
 
 
 def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
@@ -440,9 +439,12 @@ class Federation:
             sampled = sample_nodes(self.rng, usable, fraction=fed.fraction, minimum=fed.min_sites)
             row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
             phases = {"nodes": time.perf_counter() - start}
+            self.progress.round_started(round_number, sampled=len(sampled))
+            self.progress.phase_started("training")
             row.update(self.train_round(round_number, sampled))
             phases["train"] = time.perf_counter() - start - sum(phases.values())
             contributors = row.pop("contributors")
+            self.progress.phase_started("evaluation")
             row.update(self.evaluate_round(round_number, contributors))
             phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
             row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
@@ -525,10 +527,10 @@ def check_simulated_size(grid: Grid, config: FedPeftConfig) -> None:
 
     ``federation.num_sites`` is the one setting of the federation's size: it splits the data
     into that many partitions, and ``fedpeft simulate`` starts that many SuperNodes. ``flwr
-    run .`` starts as many as its SuperLink connection says (``options.num-supernodes``,
-    Flower's default 2); a difference would leave partitions untrained (or sites without a
-    partition), so it is an error naming both. A deployment's sites connect when they
-    choose and are not counted here (``federation.min_sites`` applies).
+    run .`` starts as many as its federation config says (``--federation-config
+    num-supernodes=N``, Flower's default 2); a difference would leave partitions untrained
+    (or sites without a partition), so it is an error naming both. A deployment's sites
+    connect when they choose and are not counted here (``federation.min_sites`` applies).
 
     Raises
     ------
@@ -556,10 +558,10 @@ def check_simulated_size(grid: Grid, config: FedPeftConfig) -> None:
         raise ConfigError(
             f"Flower's simulation started {started} SuperNode(s) (options.num-supernodes) but "
             f"federation.num_sites={wanted}: each of the {wanted} data partitions needs one "
-            "site. Make them agree: `flwr federation simulation-config --num-supernodes "
-            f"{wanted}` (or options.num-supernodes = {wanted} in the SuperLink connection of "
-            "$FLWR_HOME/config.toml), or run config overrides='federation.num_sites="
-            f"{started}' — or use `fedpeft simulate`, which starts federation.num_sites sites."
+            "site. Make them agree: `flwr run . --federation-config num-supernodes="
+            f"{wanted}` (or `flwr federation simulation-config --num-supernodes {wanted}`), "
+            f"or run config overrides='federation.num_sites={started}' — or use `fedpeft "
+            "simulate`, which starts federation.num_sites sites."
         )
 
 
@@ -597,12 +599,13 @@ def make_server_app(
             out = Path(run_dir) if run_dir is not None else default_run_dir(resolved)
         logger.info("fedpeft config: %s", as_dict(resolved))
         check_simulated_size(grid, resolved)
+        shown = progress or Progress()
         # Flower's deployed grid waits 3 s between pulls; PollingGrid polls every 0.1 s.
         run_federation(
-            PollingGrid(grid),
+            PollingGrid(grid, watch=shown.exchange),
             resolved,
             run_dir=out,
-            progress=progress,
+            progress=shown,
             resume=bool(resume_from),
             signing_key=key,
             transport=transport,

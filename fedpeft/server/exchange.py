@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # the type Grid.get_nodes returns
@@ -54,12 +54,17 @@ def shorten_object_retry(grid: Grid) -> bool:
     return True
 
 
+#: Told of an exchange's progress: ``watch(message_type, replied=…, asked=…)``.
+Watch = Callable[..., None]
+
+
 def exchange(
     grid: Grid,
     messages: Iterable[Message],
     *,
     timeout: float | None,
     poll_interval: float = POLL_INTERVAL_S,
+    watch: Watch | None = None,
 ) -> list[Message]:
     """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed.
 
@@ -73,6 +78,9 @@ def exchange(
         Seconds to wait for replies after pushing; None waits until every reply arrived.
     poll_interval : float, default POLL_INTERVAL_S (0.1)
         Seconds between pulls.
+    watch : callable, optional
+        Called as ``watch(message_type, replied=k, asked=n)`` once the messages are pushed
+        and whenever more replies arrived (a live progress display).
 
     Returns
     -------
@@ -82,13 +90,19 @@ def exchange(
     """
     if poll_interval <= 0:
         raise ValueError(f"poll_interval={poll_interval!r} must be > 0 seconds, e.g. 0.2")
-    pending = {str(i) for i in grid.push_messages(list(messages)) if i}
+    batch = list(messages)
+    pending = {str(i) for i in grid.push_messages(batch) if i}
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
+    kind, asked = (batch[0].metadata.message_type if batch else ""), len(pending)
+    if watch is not None:
+        watch(kind, replied=0, asked=asked)
     while pending:
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending.difference_update(r.metadata.reply_to_message_id for r in arrived)
+        if arrived and watch is not None:
+            watch(kind, replied=asked - len(pending), asked=asked)
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll_interval)
@@ -98,9 +112,12 @@ def exchange(
 class PollingGrid(Grid):
     """``grid`` with :func:`exchange` as its ``send_and_receive``; everything else delegated."""
 
-    def __init__(self, grid: Grid, *, poll_interval: float = POLL_INTERVAL_S) -> None:
+    def __init__(
+        self, grid: Grid, *, poll_interval: float = POLL_INTERVAL_S, watch: Watch | None = None
+    ) -> None:
         self.grid = grid
         self.poll_interval = poll_interval
+        self.watch = watch
         shorten_object_retry(grid)
 
     def set_run(self, run: Run) -> None:
@@ -135,4 +152,6 @@ class PollingGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return exchange(self.grid, messages, timeout=timeout, poll_interval=self.poll_interval)
+        return exchange(
+            self.grid, messages, timeout=timeout, poll_interval=self.poll_interval, watch=self.watch
+        )

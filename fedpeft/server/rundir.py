@@ -37,6 +37,14 @@ def default_run_dir(config: FedPeftConfig) -> Path:
     return Path("runs") / f"{config.experiment_name}-{stamp}"
 
 
+#: Why a federation ended before its last round (written by the ServerApp).
+ABORTED_FILE = "aborted.json"
+#: The ServerApp's progress as JSON lines (rounds, exchanges, messages): what
+#: :class:`fedpeft.console.Console` renders while a simulation runs.
+EVENTS_FILE = "events.jsonl"
+#: Everything a simulation's processes printed, timestamped (:class:`fedpeft.simulation.RunLog`).
+LOG_FILE = "log.txt"
+
 CHECKPOINT_KEEP = 2  # the newest two, so a crash while writing one leaves the other
 
 
