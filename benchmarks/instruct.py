@@ -49,9 +49,9 @@ from fedpeft import constants as K  # noqa: E402
 from fedpeft.client.site import Site, load_site  # noqa: E402
 from fedpeft.client.train import DPSettings, evaluate_local, train_local  # noqa: E402
 from fedpeft.config import FedPeftConfig, compose_config  # noqa: E402
+from fedpeft.console import Console  # noqa: E402
 from fedpeft.data import TokenizedDataset  # noqa: E402
 from fedpeft.model import get_flat  # noqa: E402
-from fedpeft.console import Console  # noqa: E402
 from fedpeft.server.rundir import RunDir  # noqa: E402
 from fedpeft.server.strategies import make_strategy  # noqa: E402
 
