@@ -419,15 +419,18 @@ def simulate(
     config = simulation_config(config, out)
     # What the libraries warn while this process checks the inputs goes to log.txt with
     # the rest (recorded here, in this call only: no process-wide filter is changed).
+    failed: BaseException | None = None
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("default")  # Python's own: each warning once per location
         try:
             if check:  # before a process, the run directory or a model is touched
                 preflight(config)
-        except BaseException:
-            for w in warned:  # no log to move them to: shown as Python would have
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            raise
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the warnings
+            failed = err
+    if failed is not None:
+        for w in warned:  # no log to move them to: shown as Python would have shown them
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        raise failed
     shown = console if console is not None else Console()
     events = out / EVENTS_FILE
     offset = events.stat().st_size if events.exists() else 0

@@ -12,10 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from fedpeft.config import ConfigError, compose_config
 from fedpeft.console import PLAIN_EVERY_S, Console
 from fedpeft.server.progress import round_line
 from fedpeft.simulation import APP_DIR, RunLog, last_error, write_flower_app
@@ -274,3 +277,45 @@ def test_flwr_run_from_the_repository_root_runs_the_same_app(cls_csv: Path, tmp_
         _end_local_superlink(home)
     # flwr run left the repository's pyproject.toml as it was (no migration rewrote it)
     assert "CONFIGURATION MIGRATION NOTICE" not in (APP_DIR / "pyproject.toml").read_text()
+
+
+def _warns_then(outcome: BaseException | None) -> Callable[[object], None]:
+    def check(config: object) -> None:
+        warnings.warn("a note from a library", UserWarning, stacklevel=1)
+        if outcome is not None:
+            raise outcome
+
+    return check
+
+
+def test_a_failed_check_raises_and_shows_its_warnings_once(
+    monkeypatch: pytest.MonkeyPatch, cls_csv: Path, tmp_path: Path
+) -> None:
+    import fedpeft.simulation as simulation
+
+    monkeypatch.setattr(simulation, "preflight", _warns_then(ConfigError("bad input")))
+    config = compose_config(["experiment=tiny_classification", f"data.path={cls_csv}"])
+    with (
+        pytest.warns(UserWarning, match="a note from a library") as shown,
+        pytest.raises(ConfigError, match="bad input"),
+    ):
+        simulation.simulate(config, run_dir=tmp_path / "run")
+    assert sum("a note from a library" in str(w.message) for w in shown) == 1
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_the_checks_warnings_go_to_the_log(
+    monkeypatch: pytest.MonkeyPatch, cls_csv: Path, tmp_path: Path
+) -> None:
+    import fedpeft.simulation as simulation
+
+    def no_superlink(self: object) -> None:
+        raise RuntimeError("not started in this test")
+
+    monkeypatch.setattr(simulation, "preflight", _warns_then(None))
+    monkeypatch.setattr(simulation.SuperLink, "start", no_superlink)
+    config = compose_config(["experiment=tiny_classification", f"data.path={cls_csv}"])
+    with pytest.raises(RuntimeError, match="not started in this test"):
+        simulation.simulate(config, run_dir=tmp_path / "run", console=Console(io.StringIO()))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "UserWarning: a note from a library" in log
