@@ -521,7 +521,7 @@ def flower_sim_child(spec: dict[str, Any]) -> None:
     from flwr.simulation import run_simulation
 
     from fedpeft.config import compose_config
-    from fedpeft.simulation import backend_config
+    from fedpeft.simulation import federation_config
 
     sites, rounds, length = int(spec["sites"]), int(spec["rounds"]), int(spec["length"])
     starts: list[float] = []
@@ -573,11 +573,25 @@ def flower_sim_child(spec: dict[str, Any]) -> None:
         DefaultWorkflow(fit_workflow=fit)(grid, legacy)
         starts.append(time.perf_counter())
 
+    # Flower's own baseline keeps its Python entry (what its SecAgg+ example runs), with the
+    # Ray settings fedpeft's simulation sends Flower in its federation config.
+    fed = federation_config(compose_config([]))
+    backend = {
+        "client_resources": {
+            "num_cpus": fed["client-resources-num-cpus"],
+            "num_gpus": fed["client-resources-num-gpus"],
+        },
+        "init_args": {
+            "num_cpus": fed["init-args-num-cpus"],
+            "logging_level": fed["init-args-logging-level"],
+            "log_to_driver": fed["init-args-log-to-driver"],
+        },
+    }
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=sites,
-        backend_config=backend_config(compose_config([])),  # type: ignore[arg-type]
+        backend_config=backend,  # type: ignore[arg-type]
     )
     Path(spec["out"]).write_text(json.dumps({"round_starts": starts}))
 
