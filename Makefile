@@ -41,7 +41,7 @@ instruct: setup
 
 lint: setup
 	$(BIN)/ruff check fedpeft tests benchmarks simulations
-	$(BIN)/mypy fedpeft/privacy
+	$(BIN)/mypy fedpeft
 
 test: lint
 	$(BIN)/pytest

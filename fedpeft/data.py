@@ -376,8 +376,8 @@ def tokenize(
     items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if task == "classification":
         enc = tokenizer([str(t) for t in table[first]], truncation=True, max_length=max_length)
-        for ids, label in zip(enc["input_ids"], table[second], strict=True):
-            input_ids = torch.tensor(ids, dtype=torch.long)
+        for row, label in zip(enc["input_ids"], table[second], strict=True):
+            input_ids = torch.tensor(row, dtype=torch.long)
             items.append((input_ids, torch.ones_like(input_ids), torch.tensor(int(label))))
         return TokenizedDataset(items)
     if config.messages_column in table.column_names:

@@ -15,6 +15,7 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from transformers import (
 from fedpeft.broadcast import initial_lora_a
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
 from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling_config
+from fedpeft.losses import Task
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class LoadedModel:
     peft_model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     layout: AdapterLayout
-    task: str
+    task: Task
 
 
 # Tiny random models must be the same "pretrained" model on every side of a federation.
@@ -111,7 +113,7 @@ def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
         num_attention_heads=config.num_heads,
         intermediate_size=2 * config.hidden_size,
         max_position_embeddings=config.max_length + 8,
-        num_labels=config.num_labels,
+        num_labels=config.num_labels,  # type: ignore[call-arg]  # PretrainedConfig's **kwargs
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng():
@@ -131,7 +133,7 @@ def _tiny_llama(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         num_key_value_heads=config.num_heads,
         intermediate_size=2 * config.hidden_size,
         max_position_embeddings=config.max_length + 8,
-        num_labels=config.num_labels,
+        num_labels=config.num_labels,  # type: ignore[call-arg]  # PretrainedConfig's **kwargs
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -214,7 +216,7 @@ def _dequantise_gguf(source: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=torch.float32, **kwargs)
     # Dequantised on load: what is saved is plain float32, not a quantised checkpoint.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - transformers types it a Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))
@@ -338,12 +340,12 @@ def build_model(
     torch.manual_seed(seed)  # the weights the loader creates
     base, tokenizer = MODEL_LOADERS[model_config.loader](model_config)
     if device is not None:
-        base.to(device)
+        base.to(device)  # type: ignore[arg-type]  # transformers' wrapper of to() is mistyped
     task_type = TaskType.SEQ_CLS if model_config.task == "classification" else TaskType.CAUSAL_LM
     lora_config = LoraConfig(
         task_type=task_type,
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, scales by float
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
     )
@@ -364,7 +366,8 @@ def build_model(
     layout = AdapterLayout(
         names=tuple(n for n, _ in params), shapes=tuple(tuple(p.shape) for _, p in params)
     )
-    return LoadedModel(peft_model, tokenizer, layout, model_config.task)
+    # config.validate allowed only the two tasks
+    return LoadedModel(peft_model, tokenizer, layout, cast(Task, model_config.task))
 
 
 _CACHE: dict[str, LoadedModel] = {}

@@ -162,10 +162,9 @@ class InProcessGrid(Grid):
         for key in message_ids:
             msg = self._pending.pop(key)
             node = msg.metadata.dst_node_id
-            reply = self.client_app(msg, self.contexts[node])
-            self.received.append(reply)
-            if self.tamper is not None:
-                reply = self.tamper(node, reply)
+            answered = self.client_app(msg, self.contexts[node])
+            self.received.append(answered)
+            reply = answered if self.tamper is None else self.tamper(node, answered)
             if reply is not None:
                 replies.append(reply)
         return replies

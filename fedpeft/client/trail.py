@@ -155,7 +155,7 @@ def site_trail_mod(config: FedPeftConfig | None) -> Mod:
         reply = call_next(msg, context)
         try:
             if reply.has_error():
-                code = reply.error.reason.split(":", 1)[0]
+                code = (reply.error.reason or "").split(":", 1)[0]
                 trail.append("refusal", {**which, "code": code, "error": reply.error.code})
             else:
                 trail.append(
