@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpeft.config import ConfigError, FedPeftConfig, ModelConfig, from_yaml
+from fedpeft.files import replace_dir
 from fedpeft.lineage import base_folder
 
 if TYPE_CHECKING:  # imported where used: the server imports this module at start
@@ -138,7 +139,7 @@ def write_base(folder: Path, model_config: ModelConfig, *, link_weights: bool = 
         else:
             base.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _replace(tmp, folder)
+        replace_dir(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -160,17 +161,6 @@ def describe_adapter(adapter_dir: Path, run_dir: Path) -> None:
 
     set_base_path(adapter_dir, f"../{BASE_DIR}")
     write_card(adapter_dir, run_dir, layout="adapter", base_path=f"../{BASE_DIR}")
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _check_out(out: Path) -> None:

@@ -633,10 +633,10 @@ def _headline(run: RunFiles) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` atomically and return its path."""
-    from fedpeft.server.rundir import _atomic_write_text
+    from fedpeft.files import atomic_write_text
 
     path = Path(run_dir) / REPORT_FILE
-    _atomic_write_text(path, render_report(run_dir))
+    atomic_write_text(path, render_report(run_dir))
     return path
 
 
@@ -648,7 +648,7 @@ def write_reference(run_dir: str | Path, reference_dir: str | Path) -> Path:
     ConfigError
         If ``reference_dir`` is not a run directory with rounds.
     """
-    from fedpeft.server.rundir import _atomic_write_text
+    from fedpeft.files import atomic_write_text
 
     reference = read_run(Path(reference_dir))
     if not reference.rows:
@@ -664,5 +664,5 @@ def write_reference(run_dir: str | Path, reference_dir: str | Path) -> Path:
         "rows": [{k: r.get(k) for k in keep} for r in reference.rows],
     }
     path = Path(run_dir) / REFERENCE_FILE
-    _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path

@@ -11,7 +11,8 @@ Guarantees:
 
 - **Durable and atomic.** A change is written to a temporary file in the same directory,
   fsynced, then moved over the ledger with ``os.replace`` (atomic on POSIX) and the directory
-  is fsynced. A reader sees the old or the new ledger, never half of one.
+  is fsynced (:func:`fedpeft.files.atomic_write_text`). A reader sees the old or the new
+  ledger, never half of one.
 - **No interleaving.** Read-modify-write runs under an exclusive ``fcntl.flock`` on a sibling
   ``<name>.lock`` file, so two processes of the same site cannot both pass a budget check
   and then both record. (POSIX only; ``flock`` may not be honoured on some network filesystems.)
@@ -41,13 +42,13 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from fedpeft.files import atomic_write_text
 from fedpeft.privacy.calibration import (
     ACCOUNTANTS,
     HistoryEntry,
@@ -728,21 +729,4 @@ class PrivacyLedger:
             "entries": [dataclasses.asdict(entry) for entry in entries],
             "evaluations": [dataclasses.asdict(e) for e in evaluations],
         }
-        text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-        directory = self._path.parent
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{self._path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, self._path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        atomic_write_text(self._path, json.dumps(document, indent=2, allow_nan=False) + "\n")

@@ -12,7 +12,6 @@ name and renamed into place, so a crash leaves the previous complete version.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedpeft.files import atomic_write_text, replace_dir
 from fedpeft.model_card import SITES_FILE
 
 if TYPE_CHECKING:
@@ -46,27 +46,6 @@ EVENTS_FILE = "events.jsonl"
 LOG_FILE = "log.txt"
 
 CHECKPOINT_KEEP = 2  # the newest two, so a crash while writing one leaves the other
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``, replacing an older one."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 @dataclass(frozen=True)
@@ -106,10 +85,10 @@ class RunDir:
         self.write_json(SITES_FILE, {"sites": sites})
 
     def write_config(self, yaml_text: str) -> None:
-        _atomic_write_text(self.path / "config.yaml", yaml_text)
+        atomic_write_text(self.path / "config.yaml", yaml_text)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        _atomic_write_text(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.path / name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         """The object in ``name`` (written by :meth:`write_json`), or None if there is none."""
@@ -125,7 +104,7 @@ class RunDir:
         """Append one round's figures; rewritten whole so a crash never leaves half a line."""
         rows = self.read_metrics()
         rows = [r for r in rows if r.get("round") != row.get("round")] + [row]
-        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def record_generations(
         self, round_number: int, generations: dict[str, list[tuple[str, str]]]
@@ -143,7 +122,7 @@ class RunDir:
             for node, pairs in sorted(generations.items())
             for prompt, answer in pairs
         ]
-        _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -156,7 +135,7 @@ class RunDir:
         return Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter."))
 
     def commit_adapter(self, tmp: Path) -> None:
-        _replace_dir(tmp, self.adapter_path)
+        replace_dir(tmp, self.adapter_path)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
         """Write ``checkpoints/round-NNNN/`` atomically and prune older ones."""
@@ -166,7 +145,7 @@ class RunDir:
         (tmp / "state.json").write_text(
             json.dumps({"round": checkpoint.round, **checkpoint.state}, indent=1), encoding="utf-8"
         )
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         for stale in sorted(self.checkpoints.glob("round-*"))[:-CHECKPOINT_KEEP]:
             shutil.rmtree(stale)
         return final
