@@ -430,9 +430,3 @@ def save_adapter(loaded: LoadedModel, flat: NDArray[np.float32], folder: Path) -
     # fedpeft never adapts embeddings (Opacus cannot: see fedpeft.privacy.dp), so peft's
     # "auto" check, which reloads the base config to compare vocabulary sizes, is not needed.
     loaded.peft_model.save_pretrained(str(folder), save_embedding_layers=False)
-
-
-def count_parameters(model: torch.nn.Module, names: Sequence[str] = ()) -> int:
-    """Elements in all of ``model``'s parameters (or only those in ``names``)."""
-    wanted = set(names)
-    return sum(p.numel() for n, p in model.named_parameters() if not wanted or n in wanted)
