@@ -12,7 +12,7 @@ Which adapter tensors a site *trains* is the strategy's business (see
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
