@@ -1,7 +1,7 @@
 """Run the benchmarks, then regenerate ``benchmarks/README.md`` and its plots.
 
 ``make bench`` runs the default set (meant to finish in under 20 minutes on 2 cores):
-``dp_throughput`` (1 repeat), ``secagg_vs_flower`` (1 in-process repeat, one 5-round
+``dp_throughput`` (5 repeats), ``secagg_vs_flower`` (1 in-process repeat, one 5-round
 simulation per variant), ``communication`` and ``scale``. ``--full`` runs the long versions
 and adds ``secagg_primitives``, the quality sweep (``quality.py``, its full defaults) and
 ``deployment_latency`` (a real loopback deployment against the same simulated federation).
@@ -53,7 +53,7 @@ class Bench:
 
 
 BENCHMARKS = [
-    Bench("dp_throughput", ["--repeats", "1"], []),
+    Bench("dp_throughput", ["--repeats", "5"], []),
     Bench(
         "secagg_vs_flower",
         ["--repeats", "1", "--sim-repeats", "1", "--rounds", "5"],

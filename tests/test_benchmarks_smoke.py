@@ -229,3 +229,27 @@ def test_instruct(tmp_path: Path) -> None:
         assert math.isfinite(row[name]["perplexity"]) and row[name]["perplexity"] > 1
     assert row["held_out_examples"] > 0
     assert q["dp_over_nonprivate"]["median"] == pytest.approx(row["dp_over_nonprivate"])
+
+
+def test_dp_throughput_measures_bare_opacus_beside_ours_in_rotating_order(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "dp_throughput.json"
+    proc = run_script("dp_throughput.py", "--quick", "--out", str(out))
+    report = load(out)
+    names = ["plain", "dp_hooks", "dp_ghost", "opacus_hooks"]
+    assert report["variants"] == names
+    assert all(len(report["seconds"][n]) == report["repeats"] == 2 for n in names)
+    # the order rotates: repeat 2 starts with the second variant, not the first
+    order = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("repeat")]
+    assert order[: len(names)] == names and order[len(names) : 2 * len(names)] == [
+        *names[1:],
+        names[0],
+    ]
+    assert all(s > 0 for s in report["setup_seconds"]["opacus_hooks"])
+    assert report["setup_seconds"]["plain"] == [0.0, 0.0]
+    assert set(report["paired_ratios"]) >= {"dp_hooks_over_plain", "dp_hooks_over_opacus"}
+    assert set(report["targets"]) == {"dp_hooks_over_plain", "dp_hooks_over_opacus"}
+    assert set(report["site_setup_seconds"]) == {"calibration", "ledger_charge"}
+    for name in names:  # per example actually processed: the counts are the forward passes'
+        assert all(n > 0 for n in report["examples_seen"][name])
