@@ -431,6 +431,9 @@ def dp_round_seconds(quick: bool, saved: Path) -> dict[str, Any]:
         task="classification",
         max_length=config.model.max_length,
     )
+    # Opacus's note about torch generators fedpeft does not draw from (fedpeft/privacy/dp.py,
+    # "Randomness") and torch's about hooks on LoRA layers, once per step; both filters match
+    # one message each and end with this block.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -48,6 +48,14 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {rest:02d} s"
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as a reader would type it here: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 class Console:
     """Renders a run's ``events.jsonl`` on ``stream`` (stderr by default).
 
@@ -81,7 +89,7 @@ class Console:
 
     def notices(self, config: FedPeftConfig, *, log_dir: Path | None = None) -> None:
         """What fedpeft says once, in its own words, before the run starts."""
-        where = (log_dir / LOG_FILE) if log_dir is not None else f"RUN_DIR/{LOG_FILE}"
+        where = shown_path(log_dir / LOG_FILE) if log_dir is not None else f"RUN_DIR/{LOG_FILE}"
         self.line(f"fedpeft: Flower, Ray and library output goes to {where} (-v shows it here too)")
         if config.privacy.enabled:
             self.line(
@@ -143,7 +151,7 @@ class Console:
                 start_line(
                     rounds=self.rounds,
                     sites=int(event["sites"]),
-                    run_dir=str(event["run_dir"]),
+                    run_dir=shown_path(Path(str(event["run_dir"]))),
                     adapter_floats=int(event["adapter_floats"]),
                 )
             )

@@ -71,8 +71,6 @@ APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedpeft-simulation"
 #: Seconds to wait for the SuperLink's HTTP API to answer after it was started.
 SUPERLINK_START_S = 60.0
-#: Seconds between looks at ``events.jsonl`` while the run goes on.
-FOLLOW_INTERVAL_S = 0.2
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import ConfigError, compose_config
-from fedpeft.console import PLAIN_EVERY_S, Console
+from fedpeft.console import PLAIN_EVERY_S, Console, shown_path
 from fedpeft.server.progress import round_line
 from fedpeft.simulation import APP_DIR, RunLog, last_error, write_flower_app
 from fedpeft.testing import offline_env
@@ -112,6 +112,23 @@ def test_a_long_exchange_prints_a_plain_line_every_so_often(tmp_path: Path) -> N
     assert out.getvalue().splitlines() == [
         f"round 1/0 · evaluation · sites 2/4 · {PLAIN_EVERY_S + 1:.0f} s · estimate after round 1"
     ]
+
+
+def test_paths_are_shown_relative_to_the_working_folder_when_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside, outside = tmp_path / "work", tmp_path / "elsewhere"
+    (inside / "runs" / "r1").mkdir(parents=True)
+    outside.mkdir()
+    monkeypatch.chdir(inside)
+    assert shown_path(inside / "runs" / "r1" / "log.txt") == os.path.join("runs", "r1", "log.txt")
+    assert shown_path(outside / "r2") == str(outside / "r2")
+    out = io.StringIO()
+    Console(out, live=False).notices(
+        compose_config(["experiment=tiny_classification", "data.path=x.csv"]),
+        log_dir=inside / "runs" / "r1",
+    )
+    assert "output goes to runs/r1/log.txt (" in out.getvalue()
 
 
 def test_only_whole_lines_are_read_and_the_rest_waits(tmp_path: Path) -> None:
