@@ -81,6 +81,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedpeft import constants as K
 from fedpeft.config import ConfigError, FedPeftConfig, as_dict
+from fedpeft.names import Optimizer
 from fedpeft.privacy.audit import DEFAULT_BETA, AuditBound, audit_bound
 
 if TYPE_CHECKING:
@@ -544,7 +545,9 @@ def run_audit(
         # so every canary reuses the site's shortest example.
         shortest = min(range(len(real)), key=lambda i: int(real[i][0].shape[0]))
         canary_items = [real[shortest]] * canaries
-        train_config = replace(config.train, optimizer="sgd", momentum=0.0, weight_decay=0.0)
+        train_config = replace(
+            config.train, optimizer=Optimizer.sgd, momentum=0.0, weight_decay=0.0
+        )
     else:
         canary_items = _input_canaries(config, loaded.tokenizer, canaries, rng)
         train_config = config.train

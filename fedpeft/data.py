@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import ConfigError, DataConfig, FederationConfig
 from fedpeft.losses import IGNORE_INDEX
+from fedpeft.names import DatasetName
 
 if TYPE_CHECKING:
     # Imported where used: flwr-datasets loads matplotlib and seaborn (~2 s), which a real
@@ -233,10 +234,10 @@ def _file(config: DataConfig, task: str) -> datasets.Dataset:
     return load_file(str(config.path), config, task)
 
 
-DATASETS: dict[str, Callable[[DataConfig, str], datasets.Dataset]] = {
-    "rotten_tomatoes": _rotten_tomatoes,
-    "chatterbot": _chatterbot,
-    "file": _file,
+DATASETS: dict[DatasetName, Callable[[DataConfig, str], datasets.Dataset]] = {
+    DatasetName.rotten_tomatoes: _rotten_tomatoes,
+    DatasetName.chatterbot: _chatterbot,
+    DatasetName.file: _file,
 }
 
 

@@ -16,15 +16,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from fedpeft.names import Task
+
 __all__ = ["IGNORE_INDEX", "Reduction", "Task", "batch_loss", "per_example_loss"]
 
-Task = Literal["classification", "causal_lm"]
 Reduction = Literal["mean", "sum"]
 
 #: Label value excluded from the loss (padding, prompt tokens); the PyTorch and HF convention.
 IGNORE_INDEX = -100
 
-_TASKS = ("classification", "causal_lm")
+_TASKS = tuple(t.value for t in Task)
 _REDUCTIONS = ("mean", "sum")
 
 

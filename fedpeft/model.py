@@ -15,7 +15,6 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from transformers import (
 from fedpeft.broadcast import initial_lora_a
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
 from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling_config
-from fedpeft.losses import Task
+from fedpeft.names import Loader, Task
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
 def _tiny_bert(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if config.task != "classification":
         raise ConfigError(
-            f"model.loader=tiny-bert supports model.task=classification, not {config.task!r}; "
+            f"model.loader=tiny_bert supports model.task=classification, not {config.task!r}; "
             "use model=tiny_llama for causal_lm."
         )
     tokenizer = _byte_tokenizer()
@@ -284,13 +283,15 @@ def _local(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return _from_folder(folder, config)
 
 
-MODEL_LOADERS: dict[str, Callable[[ModelConfig], tuple[PreTrainedModel, PreTrainedTokenizerBase]]]
+MODEL_LOADERS: dict[
+    Loader, Callable[[ModelConfig], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+]
 MODEL_LOADERS = {
-    "minilm": _minilm,
-    "local": _local,
-    "smollm2": _smollm2,
-    "tiny-bert": _tiny_bert,
-    "tiny-llama": _tiny_llama,
+    Loader.minilm: _minilm,
+    Loader.local: _local,
+    Loader.smollm2: _smollm2,
+    Loader.tiny_bert: _tiny_bert,
+    Loader.tiny_llama: _tiny_llama,
 }
 
 
@@ -366,8 +367,7 @@ def build_model(
     layout = AdapterLayout(
         names=tuple(n for n, _ in params), shapes=tuple(tuple(p.shape) for _, p in params)
     )
-    # config.validate allowed only the two tasks
-    return LoadedModel(peft_model, tokenizer, layout, cast(Task, model_config.task))
+    return LoadedModel(peft_model, tokenizer, layout, Task(model_config.task))
 
 
 _CACHE: dict[str, LoadedModel] = {}

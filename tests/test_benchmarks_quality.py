@@ -40,7 +40,7 @@ def load_quality():  # type: ignore[no-untyped-def]
 def test_without_lora_zeroes_every_delta_weight_and_keeps_the_rest() -> None:
     quality = load_quality()
     loaded = build_model(
-        ModelConfig(loader="tiny-bert", task="classification", max_length=32),
+        ModelConfig(loader="tiny_bert", task="classification", max_length=32),
         LoraSettings(r=4, target_modules=["query", "value"]),
         seed=0,
     )

@@ -80,7 +80,7 @@ def test_merged_model_reloads_through_auto_classes(tmp_path: Path) -> None:
 
 
 def test_mean_pooling_on_a_non_bert_model_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"model.pooling=mean .*tiny-llama.*model.pooling=model"):
+    with pytest.raises(ConfigError, match=r"model.pooling=mean .*tiny_llama.*model.pooling=model"):
         compose_config(
             [
                 "experiment=tiny_classification",
@@ -102,7 +102,7 @@ def test_mean_pooling_on_a_local_non_bert_folder_is_a_config_error(tmp_path: Pat
             "data.path=x",
         ]
     )
-    base, tokenizer = MODEL_LOADERS["tiny-llama"](llama.model)
+    base, tokenizer = MODEL_LOADERS["tiny_llama"](llama.model)
     folder = tmp_path / "llama"
     base.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -33,8 +33,8 @@ def test_a_local_base_is_named_by_the_hash_of_its_weight_files(tmp_path: Path) -
 
 
 def test_an_in_process_base_is_named_by_its_settings() -> None:
-    one = base_identity(ModelConfig(loader="tiny-bert"))
-    other = base_identity(ModelConfig(loader="tiny-bert", hidden_size=64))
+    one = base_identity(ModelConfig(loader="tiny_bert"))
+    other = base_identity(ModelConfig(loader="tiny_bert", hidden_size=64))
     assert one.weights_sha256 == {} and "seed" in one.source
     assert one.settings_sha256 != other.settings_sha256
-    assert one == base_identity(ModelConfig(loader="tiny-bert"))
+    assert one == base_identity(ModelConfig(loader="tiny_bert"))

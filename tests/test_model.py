@@ -21,11 +21,11 @@ from fedpeft.model import (
 
 TINY = {
     "classification": (
-        ModelConfig(loader="tiny-bert", task="classification", max_length=32),
+        ModelConfig(loader="tiny_bert", task="classification", max_length=32),
         LoraSettings(r=4, target_modules=["query", "value"]),
     ),
     "causal_lm": (
-        ModelConfig(loader="tiny-llama", task="causal_lm", max_length=32),
+        ModelConfig(loader="tiny_llama", task="causal_lm", max_length=32),
         LoraSettings(r=4, target_modules=["q_proj", "v_proj"]),
     ),
 }
@@ -101,7 +101,7 @@ def test_unknown_local_model_path(tmp_path: Path) -> None:
 def test_target_modules_that_do_not_exist() -> None:
     with pytest.raises(ConfigError, match="lora.target_modules"):
         build_model(
-            ModelConfig(loader="tiny-bert"), LoraSettings(target_modules=["q_proj"]), seed=0
+            ModelConfig(loader="tiny_bert"), LoraSettings(target_modules=["q_proj"]), seed=0
         )
 
 

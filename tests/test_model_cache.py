@@ -35,7 +35,7 @@ class Builder:
     def __call__(self, out: Path) -> None:
         self.calls += 1
         time.sleep(self.delay)  # widen the window in which a second builder could interfere
-        model, _ = _tiny_llama(ModelConfig(loader="tiny-llama", task="causal_lm"))
+        model, _ = _tiny_llama(ModelConfig(loader="tiny_llama", task="causal_lm"))
         model.save_pretrained(str(out))
         _byte_tokenizer().save_pretrained(str(out))
 

@@ -46,7 +46,8 @@ def test_head_steps_at_head_lr_and_lora_at_lr(cls_csv: Path, optimizer: str) -> 
 def test_head_lr_defaults_to_lr_and_momentum_accumulates(cls_csv: Path) -> None:
     named = _named(cls_csv)
     before = {n: p.detach().clone() for n, p in named}
-    optimizer = make_optimizer(named, TrainConfig(lr=0.1, optimizer="sgd", momentum=0.9))
+    config = TrainConfig(lr=0.1, head_lr=None, optimizer="sgd", momentum=0.9)
+    optimizer = make_optimizer(named, config)
     _step(named, optimizer)
     _step(named, optimizer)
     for name, p in named:

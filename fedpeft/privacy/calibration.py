@@ -30,6 +30,7 @@ from typing import Final
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedpeft.names import Accountant
 from fedpeft.privacy.errors import PrivacyConfigError
 
 __all__ = [
@@ -44,9 +45,9 @@ __all__ = [
 #: ``(noise_multiplier, sample_rate, steps)``, the format of Opacus' ``accountant.history``.
 HistoryEntry = tuple[float, float, int]
 
-#: Accountants that may be named. Both give upper bounds on ε; PRV's are tighter. Opacus' "gdp"
-#: accountant is left out: it is an asymptotic approximation, not a bound.
-ACCOUNTANTS: Final[tuple[str, ...]] = ("prv", "rdp")
+#: Accountants that may be named (:class:`fedpeft.names.Accountant`, where the reason Opacus's
+#: "gdp" is not among them is written).
+ACCOUNTANTS: Final[tuple[str, ...]] = tuple(a.value for a in Accountant)
 
 #: Largest noise multiplier calibration will return. A target needing more noise than this is
 #: treated as impossible: the update would be pure noise (Opacus' own limit is 1e6).

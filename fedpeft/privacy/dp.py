@@ -76,7 +76,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence, Sized
 from functools import partial
-from typing import Literal, cast, get_args
+from typing import cast, get_args
 
 import torch
 from opacus import PrivacyEngine
@@ -91,6 +91,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from fedpeft.losses import Reduction, batch_loss
+from fedpeft.names import Clipping
 from fedpeft.privacy.errors import (
     BudgetExceededError,
     DPCompatibilityError,
@@ -115,8 +116,9 @@ __all__ = [
     "poisson_sample_rate",
 ]
 
-GradSampleMode = Literal["hooks", "ghost", "functorch"]
-_MODES: tuple[str, ...] = get_args(GradSampleMode)
+#: How per-example gradient norms are computed (``privacy.clipping``).
+GradSampleMode = Clipping
+_MODES: tuple[str, ...] = tuple(c.value for c in Clipping)
 _REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 # Attributes Opacus puts on parameters and submodules; close() removes any that remain.
@@ -752,7 +754,7 @@ def make_private(
     data_loader: DataLoader[object],
     noise_multiplier: float,
     max_grad_norm: float,
-    grad_sample_mode: GradSampleMode = "hooks",
+    grad_sample_mode: GradSampleMode = Clipping.hooks,
     loss_reduction: Reduction = "mean",
     max_steps: int | None = None,
     noise_key: bytes | None = None,

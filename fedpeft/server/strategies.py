@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from fedpeft.config import StrategyConfig
 from fedpeft.model import AdapterLayout
+from fedpeft.names import ServerOptimizerName, StrategyName
 
 FloatArray = NDArray[np.float32]
 
@@ -157,9 +158,9 @@ class ServerAdam(ServerOptimizer):
             self.v = np.asarray(state["v"], dtype=np.float64)
 
 
-SERVER_OPTIMIZERS: dict[str, Callable[[StrategyConfig], ServerOptimizer]] = {
-    "average": ServerAverage,
-    "adam": ServerAdam,
+SERVER_OPTIMIZERS: dict[ServerOptimizerName, Callable[[StrategyConfig], ServerOptimizer]] = {
+    ServerOptimizerName.average: ServerAverage,
+    ServerOptimizerName.adam: ServerAdam,
 }
 
 
@@ -239,10 +240,10 @@ def refactorize(flat: FloatArray, layout: AdapterLayout) -> FloatArray:
     return out
 
 
-STRATEGIES: dict[str, Callable[[StrategyConfig, AdapterLayout], Strategy]] = {
-    "fedavg": FedAvg,
-    "ffa": FFALoRA,
-    "fedsvd": FedSVD,
+STRATEGIES: dict[StrategyName, Callable[[StrategyConfig, AdapterLayout], Strategy]] = {
+    StrategyName.fedavg: FedAvg,
+    StrategyName.ffa: FFALoRA,
+    StrategyName.fedsvd: FedSVD,
 }
 
 
