@@ -2,7 +2,7 @@
 
 For each model, strategy (``fedavg``: every adapter tensor; ``ffa``: LoRA B and the head only)
 and with or without secure aggregation, this counts what one sampled site sends and receives
-in one round of fedpeft's round loop (:mod:`fedpeft.server.app`):
+in one round of fedpeft's round loop (:mod:`fedpeft.server.federation`):
 
 * down: the global adapter in the train instruction, and once more in the evaluate instruction
   (``federation.fraction_evaluate = 1``, the default), as :func:`fedpeft.broadcast.encode`

@@ -67,7 +67,7 @@ from fedpeft.client.train import EvalResult, evaluate_local, forward_losses, mak
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.data import load_dataset, partition_dataset, split_site, tokenize
 from fedpeft.model import AdapterLayout, LoadedModel, build_model, split_flat
-from fedpeft.server.app import Federation
+from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid

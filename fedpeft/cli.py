@@ -39,7 +39,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.sweep_dir:
         raise ConfigError(f"--sweep-dir {args.sweep_dir} needs -m/--multirun; add -m")
     config = compose_config(args.overrides)
-    from fedpeft.server.app import FederationAborted
+    from fedpeft.server.federation import FederationAborted
     from fedpeft.server.progress import summary_table
     from fedpeft.simulation import simulate
 

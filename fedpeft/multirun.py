@@ -119,7 +119,7 @@ def run_multirun(
         preflight (every such problem of every job, one per job).
     """
     from fedpeft.preflight import preflight
-    from fedpeft.server.app import FederationAborted
+    from fedpeft.server.federation import FederationAborted
     from fedpeft.simulation import simulate, simulation_config
 
     if any(o.lstrip("+~").split("=", 1)[0] == "output_dir" for o in overrides):

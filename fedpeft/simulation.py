@@ -411,7 +411,7 @@ def simulate(
         When the ServerApp stopped before the last round (its error, from the log).
     """
     from fedpeft.console import Console
-    from fedpeft.server.app import FederationAborted
+    from fedpeft.server.federation import FederationAborted
 
     out = Path(run_dir) if run_dir is not None else default_run_dir(config)
     config = simulation_config(config, out)

@@ -13,7 +13,7 @@ from fedpeft.broadcast import Broadcast, decode, encode, initial_lora_a
 from fedpeft.client.app import make_client_app
 from fedpeft.model import build_model, get_flat, split_flat
 from fedpeft.ranks import site_lora
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.server.progress import Progress
 from fedpeft.testing import InProcessGrid, write_classification_csv
 from tests.conftest import tiny_config

@@ -11,7 +11,7 @@ from peft import PeftModel
 from fedpeft.cli import main
 from fedpeft.config import from_yaml
 from fedpeft.model import MODEL_LOADERS, build_model, set_flat
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.server.rundir import RunDir
 from tests.conftest import tiny_config
 from tests.test_federation import _grid

@@ -25,7 +25,7 @@ from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.export import BASE_DIR
 from fedpeft.model import build_model, set_flat
 from fedpeft.model_card import parse_declaration
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, offline_env, write_causal_jsonl, write_classification_csv

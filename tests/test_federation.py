@@ -14,7 +14,7 @@ from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.config import FedPeftConfig
 from fedpeft.model import build_model
-from fedpeft.server.app import Federation, run_federation
+from fedpeft.server.federation import Federation, run_federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, Tamper, write_classification_csv

@@ -26,7 +26,7 @@ from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.data import format_prompt, prompt_ids, tokenize
 from fedpeft.generate import GENERATIONS_FILE, generate_answers, published_prompts, read_prompts
 from fedpeft.model import build_model, set_flat
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, offline_env, write_causal_jsonl

@@ -30,7 +30,7 @@ from fedpeft.server.aggregation import (
     RoundRequest,
     reported_rank,
 )
-from fedpeft.server.app import Federation
+from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation

@@ -111,7 +111,7 @@ def test_preflight_calibrates_each_site_as_the_site_does(cls_csv: Path) -> None:
 
 
 def _federation() -> Any:
-    from fedpeft.server.app import Federation
+    from fedpeft.server.federation import Federation
 
     fed = Federation.__new__(Federation)  # only the refusal bookkeeping is exercised
     fed.refusing = {}

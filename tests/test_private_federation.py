@@ -13,7 +13,7 @@ from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.config import FedPeftConfig, compose_config
 from fedpeft.privacy.calibration import compute_epsilon
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.testing import InProcessGrid, write_classification_csv
 
 pytestmark = [
@@ -153,7 +153,7 @@ def test_ledger_survives_runs_and_the_second_run_fits_the_rest(tmp_path: Path) -
 
 
 def test_impossible_target_is_an_error_before_training(tmp_path: Path) -> None:
-    from fedpeft.server.app import FederationAborted
+    from fedpeft.server.federation import FederationAborted
 
     config = _config(tmp_path, "privacy.epsilon=0.001", "federation.rounds=2")
     # every site refuses: the federation ends after round 1 instead of repeating it

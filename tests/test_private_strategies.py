@@ -20,7 +20,7 @@ import pytest
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.config import compose_config
-from fedpeft.server.app import Federation
+from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, write_classification_csv

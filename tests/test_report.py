@@ -24,7 +24,7 @@ from fedpeft.config import compose_config
 from fedpeft.disclosure import RELEASES, SETTINGS
 from fedpeft.lineage import adapter_sha256
 from fedpeft.report import REPORT_FILE, Series, _nice_axis, line_chart, render_report
-from fedpeft.server.app import Federation
+from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, write_classification_csv

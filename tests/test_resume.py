@@ -18,7 +18,7 @@ from fedpeft.client.app import make_client_app
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config, read_run_config
 from fedpeft.lineage import adapter_sha256
 from fedpeft.privacy.trail import read_trail
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, write_classification_csv
 
@@ -116,7 +116,7 @@ def test_resumed_federation_equals_an_uninterrupted_one(
 ) -> None:
     # Sites draw DP randomness from HMAC(site secret, federation id / round): the reference
     # and the crashed federation must be the same federation of the same sites to agree.
-    monkeypatch.setattr("fedpeft.server.app.uuid.uuid4", lambda: uuid.UUID(int=7))
+    monkeypatch.setattr("fedpeft.server.federation.uuid.uuid4", lambda: uuid.UUID(int=7))
     config = _config(tmp_path, mode)
     app = make_client_app(config)
     reference = tmp_path / "reference"

@@ -28,7 +28,7 @@ from fedpeft.privacy.secagg import SecAggConfigError, SecAggServer
 from fedpeft.privacy.secagg_messages import CIPHERTEXT_BYTES
 from fedpeft.privacy.secagg_wire import encode
 from fedpeft.server.aggregation import EvalRequest, PlainAggregation, RoundOutcome, RoundRequest
-from fedpeft.server.app import Federation
+from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation, payload_bytes

@@ -18,7 +18,7 @@ from fedpeft import constants as K
 from fedpeft.cli import main
 from fedpeft.client.app import make_client_app
 from fedpeft.config import compose_config
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.testing import InProcessGrid, write_classification_csv
 
 pytestmark = [

@@ -37,6 +37,8 @@ def default_run_dir(config: FedPeftConfig) -> Path:
     return Path("runs") / f"{config.experiment_name}-{stamp}"
 
 
+#: The federation's id and declared transport, written at its first start.
+FEDERATION_FILE = "federation.json"
 #: Why a federation ended before its last round (written by the ServerApp).
 ABORTED_FILE = "aborted.json"
 #: The ServerApp's progress as JSON lines (rounds, exchanges, messages): what

@@ -10,7 +10,7 @@ Why not Flower's ``flwr.serverapp.strategy.FedAvg``: its ``start()`` loop sends 
 train and one evaluate exchange per round and aggregates whole ArrayRecords, while
 fedpeft needs the aggregation to act on a flat delta that may arrive as a securely
 aggregated sum over several exchanges. The round loop lives in
-:mod:`fedpeft.server.app`; the maths stays here.
+:mod:`fedpeft.server.federation`; the maths stays here.
 """
 
 from __future__ import annotations

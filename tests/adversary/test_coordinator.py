@@ -465,7 +465,7 @@ def test_an_overflowing_example_does_not_make_the_site_fail(tmp_path: Path, clip
 
 def test_under_secure_aggregation_nothing_a_site_sends_reveals_its_size(tmp_path: Path) -> None:
     """Three sites of 64, 128 and 256 rows: every figure they send is the same."""
-    from fedpeft.server.app import Federation
+    from fedpeft.server.federation import Federation
     from fedpeft.server.progress import Progress
     from fedpeft.server.rundir import RunDir
 
@@ -531,7 +531,7 @@ def test_the_noise_in_an_update_does_not_reveal_the_sites_size(tmp_path: Path) -
 def test_a_signed_federation_trains_and_an_unsigned_one_costs_nothing(
     tmp_path: Path, keys: dict[str, Path], secure: bool
 ) -> None:
-    from fedpeft.server.app import FederationAborted, run_federation
+    from fedpeft.server.federation import FederationAborted, run_federation
     from fedpeft.server.rundir import RunDir
 
     config = _config(tmp_path, f"secagg.enabled={str(secure).lower()}", "federation.rounds=1")

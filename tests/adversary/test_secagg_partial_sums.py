@@ -42,7 +42,7 @@ from fedpeft.privacy.secagg import (
 )
 from fedpeft.privacy.secagg_messages import pair_mask, share_holders
 from fedpeft.server.aggregation import RoundRequest
-from fedpeft.server.app import Federation
+from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation

@@ -25,7 +25,7 @@ from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.config import compose_config, from_yaml
 from fedpeft.deploy import make_certificates, make_site_keys
-from fedpeft.server.app import run_federation
+from fedpeft.server.federation import run_federation
 from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, write_classification_csv
 from tests.deploy.harness import LoopbackDeployment, descendants
@@ -209,7 +209,7 @@ def _uncrashed_reference(
         for site in sites
     }
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("fedpeft.server.app.uuid.uuid4", lambda: uuid.UUID(hex=federation_id))
+        patch.setattr("fedpeft.server.federation.uuid.uuid4", lambda: uuid.UUID(hex=federation_id))
         grid = InProcessGrid(make_client_app(config), node_configs)
         run_federation(grid, config, run_dir=root / "reference")
     return RunDir(root / "reference")
