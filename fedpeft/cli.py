@@ -51,9 +51,9 @@ def _simulate(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # the ServerApp stopped; its traceback is in RUN_DIR/log.txt
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return EXIT_ABORTED
-    print(summary_table(result.rows))
-    last = result.rows[-1]
-    acc, ppl = last.get("eval_accuracy"), last.get("eval_perplexity")
+    print(summary_table(result.records))
+    last = result.records[-1]
+    acc, ppl = last.eval_accuracy, last.eval_perplexity
     if ppl is not None:  # a causal LM: perplexity on the held-out response tokens
         token = f" (token accuracy {acc:.3f})" if acc is not None else ""
         print(f"\nfinal eval perplexity: {ppl:.2f}{token}")

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from fedpeft.config import FedPeftConfig
 from fedpeft.server.progress import round_line, start_line
+from fedpeft.server.rounds import RoundRecord
 from fedpeft.server.rundir import LOG_FILE
 
 #: Seconds between two plain progress lines of one open exchange (non-terminal output).
@@ -169,9 +170,9 @@ class Console:
             self._show_status(now)
         elif kind == "round":
             self._end_status()
-            row = event["row"]
-            self.durations.append(float(row["seconds"]))
-            self.line(round_line(row))
+            record = RoundRecord.from_json(event["row"])
+            self.durations.append(record.seconds)
+            self.line(round_line(record))
         elif kind == "message":
             self._end_status()
             self.line(f"fedpeft: {event['text']}")

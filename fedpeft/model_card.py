@@ -24,6 +24,7 @@ import yaml
 from fedpeft import constants as K
 from fedpeft.config import FedPeftConfig, from_yaml
 from fedpeft.lineage import BaseIdentity, adapter_sha256, base_identity
+from fedpeft.server.rounds import RoundRecord, read_rounds
 
 __all__ = [
     "CARD_FILE",
@@ -48,7 +49,7 @@ class CardInputs:
     """Everything a card states, as the run directory holds it."""
 
     config: FedPeftConfig
-    rows: list[dict[str, Any]]  # metrics.jsonl
+    rounds: list[RoundRecord]  # metrics.jsonl
     privacy: dict[str, Any]  # privacy.json ({} before the first round)
     sites: dict[str, dict[str, Any]]  # sites.json "sites": node id → {declared, last_round}
     base: BaseIdentity
@@ -208,7 +209,7 @@ def _privacy_full(inputs: CardInputs) -> list[str]:
     if secagg.get("enabled"):
         # k and t as the server resolved them each round (metrics.jsonl), not the settings'
         # None ("SecAgg+'s default for the number of sampled sites")
-        resolved = [r["secagg_params"] for r in inputs.rows if r.get("secagg_params")]
+        resolved = [r.secagg_params for r in inputs.rounds if r.secagg_params]
 
         def per_round(key: str) -> str:
             values = sorted({int(p[key]) for p in resolved})
@@ -238,7 +239,7 @@ def _setup(inputs: CardInputs) -> list[str]:
             else ""
         )
         + f", max length {c.model.max_length}.",
-        f"- Federation: {len(inputs.rows)} of {fed.rounds} rounds written, {fed.num_sites} "
+        f"- Federation: {len(inputs.rounds)} of {fed.rounds} rounds written, {fed.num_sites} "
         f"sites, fraction {fed.fraction} per round, at least {fed.min_sites} per round.",
         f"- Strategy: `{c.strategy.name}` (server optimiser {c.strategy.server_optimizer}, "
         f"server lr {c.strategy.server_lr}).",
@@ -251,7 +252,7 @@ def _setup(inputs: CardInputs) -> list[str]:
 
 
 def _evaluation(inputs: CardInputs) -> list[str]:
-    if not inputs.rows:
+    if not inputs.rounds:
         return ["No round has finished yet."]
     causal = inputs.config.model.task == "causal_lm"
     metric = "eval perplexity" if causal else "eval accuracy"
@@ -268,23 +269,23 @@ def _evaluation(inputs: CardInputs) -> list[str]:
         f"| round | sites replied | eval sites | eval loss | {metric} | ε max |",
         "|---|---|---|---|---|---|",
     ]
-    for row in inputs.rows:
-        value = row.get("eval_perplexity") if causal else row.get("eval_accuracy")
+    for row in inputs.rounds:
+        value = row.eval_perplexity if causal else row.eval_accuracy
         cells = [
-            row.get("round"),
-            row.get("sites_replied"),
-            row.get("eval_sites"),
-            row.get("eval_loss"),
+            row.round,
+            row.sites_replied,
+            row.eval_sites,
+            row.eval_loss,
             value,
-            row.get("epsilon_max"),
+            row.epsilon_max,
         ]
         lines.append("| " + " | ".join(_num(c) for c in cells) + " |")
-    answered = [r for r in inputs.rows if r.get("eval_generations")]
+    answered = [r for r in inputs.rounds if r.eval_generations]
     if causal and answered:
         lines += [
             "",
-            f"Generated answers: {answered[-1]['eval_generations']} greedy answer(s) of the "
-            f"global adapter after round {answered[-1]['round']} (at most "
+            f"Generated answers: {answered[-1].eval_generations} greedy answer(s) of the "
+            f"global adapter after round {answered[-1].round} (at most "
             f"`train.eval_max_new_tokens`={inputs.config.train.eval_max_new_tokens} tokens) "
             "to the prompts sites published (node config `eval-prompts`) are in the run "
             "directory's `generations.jsonl` and `report.html`, every round's. They are not "
@@ -468,17 +469,11 @@ def card_inputs(
 ) -> CardInputs:
     """What the run directory ``run_dir`` says, for a card of ``layout``."""
     config = from_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    metrics = run_dir / "metrics.jsonl"
-    rows = (
-        [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
-        if metrics.is_file()
-        else []
-    )
     adapter = adapter_dir if adapter_dir is not None else run_dir / "adapter"
     sha = adapter_sha256(adapter) if (adapter / "adapter_model.safetensors").is_file() else None
     return CardInputs(
         config=config,
-        rows=rows,
+        rounds=read_rounds(run_dir / "metrics.jsonl"),
         privacy=_read_json(run_dir / "privacy.json"),
         sites=dict(_read_json(run_dir / SITES_FILE).get("sites", {})),
         base=base_identity(config.model),

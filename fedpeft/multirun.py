@@ -145,15 +145,15 @@ def run_multirun(
         start = time.perf_counter()
         result = JobResult(job.index, list(job.overrides), str(out), status="ok")
         try:
-            rows = simulate(config, run_dir=out, check=False, verbose=verbose).rows
+            records = simulate(config, run_dir=out, check=False, verbose=verbose).records
         except (FederationAborted, ConfigError, RuntimeError) as err:  # the next job may run
             result.status = f"failed: {err}"
         else:
-            last = rows[-1]
-            result.rounds = int(last["round"])
-            result.eval_accuracy = last.get("eval_accuracy")
-            result.eval_perplexity = last.get("eval_perplexity")
-            result.epsilon_max = last.get("epsilon_max")
+            last = records[-1]
+            result.rounds = last.round
+            result.eval_accuracy = last.eval_accuracy
+            result.eval_perplexity = last.eval_perplexity
+            result.epsilon_max = last.epsilon_max
         result.seconds = round(time.perf_counter() - start, 2)
         results.append(result)
         write_summary(sweep_dir, results)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,8 @@ from fedpeft import constants as K
 from fedpeft.config import ConfigError, FedPeftConfig, from_yaml
 from fedpeft.disclosure import RELEASES, SETTINGS, Release, Setting
 from fedpeft.lineage import ADAPTER_WEIGHTS, adapter_sha256, base_identity
+from fedpeft.server.rounds import RoundRecord
+from fedpeft.server.rundir import RunDir
 from fedpeft.server.trail import REFUSAL_CODES, reason_code
 
 __all__ = [
@@ -182,7 +184,7 @@ class RunFiles:
 
     path: Path
     config: FedPeftConfig
-    rows: list[dict[str, Any]]
+    rounds: list[RoundRecord]  # metrics.jsonl
     privacy: dict[str, Any]
     federation: dict[str, Any]
     reference: dict[str, Any] | None
@@ -195,13 +197,6 @@ def _json(path: Path) -> dict[str, Any] | None:
     if not isinstance(payload, dict):
         raise ConfigError(f"{path} holds {type(payload).__name__}, not a JSON object")
     return payload
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def read_run(run_dir: Path) -> RunFiles:
@@ -221,7 +216,7 @@ def read_run(run_dir: Path) -> RunFiles:
     return RunFiles(
         path=run_dir,
         config=from_yaml(config_file.read_text(encoding="utf-8")),
-        rows=_rows(run_dir / "metrics.jsonl"),
+        rounds=RunDir(run_dir).read_rounds(),
         privacy=_json(run_dir / "privacy.json") or {},
         federation=_json(run_dir / "federation.json") or {},
         reference=_json(run_dir / REFERENCE_FILE),
@@ -244,8 +239,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, cls: str = "
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _metric(row: dict[str, Any], key: str) -> float | None:
-    value = row.get(key)
+def _metric(row: RoundRecord | Mapping[str, Any], key: str) -> float | None:
+    """A round's figure ``key``: of a record, or of a reference row (reference.json)."""
+    value = row.get(key) if isinstance(row, Mapping) else getattr(row, key)
     return float(value) if isinstance(value, int | float) else None
 
 
@@ -256,7 +252,7 @@ def _quality(run: RunFiles) -> str:
     ref_label = str((run.reference or {}).get("label", "non-private reference"))
 
     def series(key: str, label: str) -> list[Series]:
-        found = [Series(label, tuple((r["round"], _metric(r, key)) for r in run.rows))]
+        found = [Series(label, tuple((r.round, _metric(r, key)) for r in run.rounds))]
         if ref_rows:
             points = tuple((r["round"], _metric(r, key)) for r in ref_rows)
             found.append(Series(ref_label, points, dashed=True))
@@ -296,24 +292,24 @@ def _privacy(run: RunFiles) -> str:
             "Differential privacy is <b>off</b> in this run: no ε bounds what the released "
             "updates say about a training example.</p></section>"
         )
-    sites = sorted({node for r in run.rows for node in (r.get("epsilon") or {})})
+    sites = sorted({node for r in run.rounds for node in r.epsilon})
     names = {node: f"site {i + 1}" for i, node in enumerate(sites)}
     series = [
         Series(
             f"{names[node]} ({node[:8]}…)",
-            tuple((r["round"], (r.get("epsilon") or {}).get(node)) for r in run.rows),
+            tuple((r.round, r.epsilon.get(node)) for r in run.rounds),
         )
         for node in sites
     ]
     ceilings = sorted(
         {
             float(f[K.MET_EPSILON_CEILING])
-            for r in run.rows
-            for f in (r.get("site_metrics") or {}).values()
+            for r in run.rounds
+            for f in r.site_metrics.values()
             if K.MET_EPSILON_CEILING in f
         }
     )
-    rounds = [r["round"] for r in run.rows] or [1]
+    rounds = [r.round for r in run.rounds] or [1]
     span = (min(rounds), max(rounds))
     series += [
         Series(f"ceiling ε = {c:g}", tuple((x, c) for x in span), dashed=True) for c in ceilings
@@ -380,15 +376,15 @@ def _privacy(run: RunFiles) -> str:
     )
 
 
-def _participation(row: dict[str, Any]) -> tuple[int, int, list[str], list[str]]:
-    failures = {str(k): str(v) for k, v in (row.get("failures") or {}).items()}
+def _participation(row: RoundRecord) -> tuple[int, int, list[str], list[str]]:
+    failures = {str(k): str(v) for k, v in row.failures.items()}
     refused = sorted(
         f"{reason_code(v)}" for v in failures.values() if reason_code(v) in REFUSAL_CODES
     )
     failed = sorted(
         reason_code(v) for v in failures.values() if reason_code(v) not in REFUSAL_CODES
     )
-    return int(row.get("sites_sampled", 0)), int(row.get("sites_replied", 0)), refused, failed
+    return row.sites_sampled, row.sites_replied, refused, failed
 
 
 def _kilo(value: float | None) -> float | None:
@@ -400,11 +396,11 @@ def _traffic(run: RunFiles) -> str:
         [
             Series(
                 "up (sites → coordinator)",
-                tuple((r["round"], _kilo(_metric(r, "bytes_up"))) for r in run.rows),
+                tuple((r.round, _kilo(r.bytes_up)) for r in run.rounds),
             ),
             Series(
                 "down (coordinator → sites)",
-                tuple((r["round"], _kilo(_metric(r, "bytes_down"))) for r in run.rows),
+                tuple((r.round, _kilo(r.bytes_down)) for r in run.rounds),
             ),
         ],
         title="Traffic per round (training exchange, all sites)",
@@ -412,20 +408,20 @@ def _traffic(run: RunFiles) -> str:
         y_label="kB",
     )
     rows = []
-    for r in run.rows:
+    for r in run.rounds:
         sampled, replied, refused, failed = _participation(r)
         rows.append(
             [
-                r["round"],
+                r.round,
                 sampled,
                 replied,
-                r.get("sites_dropped", 0),
+                r.sites_dropped,
                 len(refused),
                 len(failed),
                 ", ".join(refused + failed) or "–",
-                r.get("eval_sites", 0),
-                r.get("bytes_up"),
-                r.get("bytes_down"),
+                r.eval_sites,
+                r.bytes_up,
+                r.bytes_down,
             ]
         )
     table = _table(
@@ -459,7 +455,7 @@ def _guarantee(run: RunFiles) -> str:
     sigmas = sorted({f.get("noise_multiplier") for f in sites.values()} - {None})
     rates = sorted({f.get("sampling_rate") for f in sites.values()} - {None})
     steps = sorted({f.get("steps") for f in sites.values()} - {None})
-    params = [r["secagg_params"] for r in run.rows if r.get("secagg_params")]
+    params = [r.secagg_params for r in run.rounds if r.secagg_params]
     ks = sorted({int(x["num_neighbours"]) for x in params})
     ts = sorted({int(x["threshold"]) for x in params})
     transport = run.federation.get("transport") or {}
@@ -546,7 +542,7 @@ def _lineage(run: RunFiles) -> str:
     ]
     on_disk = run.path / "adapter"
     current = adapter_sha256(on_disk) if (on_disk / ADAPTER_WEIGHTS).is_file() else None
-    rounds = [[r["round"], r.get("adapter_sha256") or "not recorded"] for r in run.rows]
+    rounds = [[r.round, r.adapter_sha256 or "not recorded"] for r in run.rounds]
     return (
         '<section id="lineage"><h2>Model lineage</h2>'
         f"{_table(['base model', ''], base_rows, cls='base')}"
@@ -573,7 +569,7 @@ svg .label{font-size:12px}svg .frame{fill:none;stroke:#999}svg .grid{stroke:#eee
 def render_report(run_dir: str | Path) -> str:
     """The HTML of ``run_dir``'s report (self-contained: inline CSS and SVG only)."""
     run = read_run(Path(run_dir))
-    done = len(run.rows)
+    done = len(run.rounds)
     planned = run.config.federation.rounds
     headline = _headline(run)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -602,9 +598,9 @@ def render_report(run_dir: str | Path) -> str:
 
 def _sites_seen(run: RunFiles) -> int:
     seen: set[str] = set()
-    for r in run.rows:
-        seen.update(str(n) for n in (r.get("site_metrics") or {}))
-        seen.update(str(n) for n in (r.get("failures") or {}))
+    for r in run.rounds:
+        seen.update(str(n) for n in r.site_metrics)
+        seen.update(str(n) for n in r.failures)
     return len(seen)
 
 
@@ -651,7 +647,7 @@ def write_reference(run_dir: str | Path, reference_dir: str | Path) -> Path:
     from fedpeft.files import atomic_write_text
 
     reference = read_run(Path(reference_dir))
-    if not reference.rows:
+    if not reference.rounds:
         raise ConfigError(
             f"--reference {reference_dir} has no finished rounds (metrics.jsonl is empty or "
             "missing); give a finished run directory"
@@ -661,7 +657,7 @@ def write_reference(run_dir: str | Path, reference_dir: str | Path) -> Path:
     payload = {
         "run": str(Path(reference_dir).resolve()),
         "label": label,
-        "rows": [{k: r.get(k) for k in keep} for r in reference.rows],
+        "rows": [{k: getattr(r, k) for k in keep} for r in reference.rounds],
     }
     path = Path(run_dir) / REFERENCE_FILE
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

@@ -49,6 +49,7 @@ from typing import IO, Any
 from fedpeft import constants as K
 from fedpeft.config import ConfigError, FedPeftConfig, to_yaml
 from fedpeft.preflight import preflight
+from fedpeft.server.rounds import RoundRecord
 from fedpeft.server.rundir import ABORTED_FILE, EVENTS_FILE, LOG_FILE, RunDir, default_run_dir
 
 #: Environment of every Flower process fedpeft starts: no telemetry, no update check, no
@@ -78,7 +79,12 @@ class SimulationResult:
     """Where a simulated federation wrote its files, and its per-round figures."""
 
     run_dir: Path
-    rows: list[dict[str, Any]]
+    records: list[RoundRecord]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The lines of ``metrics.jsonl`` as written (:meth:`RoundRecord.as_json`)."""
+        return [record.as_json() for record in self.records]
 
 
 def runtime_env(**extra: str) -> dict[str, str]:
@@ -450,11 +456,11 @@ def simulate(
     aborted = out / ABORTED_FILE
     if aborted.is_file():
         raise FederationAborted(str(json.loads(aborted.read_text())["reason"]))
-    rows = RunDir(out).read_metrics()
-    if len(rows) < config.federation.rounds:
+    records = RunDir(out).read_rounds()
+    if len(records) < config.federation.rounds:
         error = last_error(out / LOG_FILE) or f"flwr run exited with code {run.returncode}"
         raise RuntimeError(
-            f"simulation ended after {len(rows)} of {config.federation.rounds} round(s): "
+            f"simulation ended after {len(records)} of {config.federation.rounds} round(s): "
             f"{error} (the whole log: {out / LOG_FILE})"
         )
-    return SimulationResult(run_dir=out, rows=rows)
+    return SimulationResult(run_dir=out, records=records)

@@ -16,7 +16,7 @@ import json
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,10 +24,14 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+if TYPE_CHECKING:
+    from fedpeft.server.rounds import RoundRecord
+
 __all__ = [
     "InProcessGrid",
     "Tamper",
     "offline_env",
+    "round_record",
     "write_causal_jsonl",
     "write_classification_csv",
 ]
@@ -62,6 +66,39 @@ def write_causal_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
                 json.dumps({"prompt": "say " + " ".join(words), "response": words[0]}) + "\n"
             )
     return path
+
+
+def round_record(**fields: Any) -> RoundRecord:
+    """A plausible finished round of 3 sites (no DP, plain aggregation), with ``fields``
+    changed: for tests of what reads rounds (display, report) without running one."""
+    from fedpeft.server.rounds import RoundRecord
+
+    values: dict[str, Any] = {
+        "round": 1,
+        "rounds": 3,
+        "sites_sampled": 3,
+        "sites_replied": 3,
+        "sites_failed": 0,
+        "sites_dropped": 0,
+        "failures": {},
+        "updated": True,
+        "train_loss": 0.5,
+        "bytes_down": 1000,
+        "bytes_up": 2000,
+        "site_metrics": {},
+        "secagg": False,
+        "secagg_params": {},
+        "eval_loss": 0.4,
+        "eval_accuracy": 0.75,
+        "eval_sites": 3,
+        "eval_bytes_down": 1000,
+        "phase_seconds": {},
+        "epsilon": {},
+        "epsilon_max": None,
+        "seconds": 1.0,
+        "adapter_sha256": "0" * 64,
+    }
+    return RoundRecord(**{**values, **fields})
 
 
 def offline_env(**extra: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,23 +91,24 @@ def test_a_causal_lm_round_line_shows_its_perplexity() -> None:
     import io
 
     from fedpeft.server.progress import Progress
+    from fedpeft.testing import round_record
 
-    row = {
-        "round": 2,
-        "rounds": 3,
-        "sites_replied": 3,
-        "sites_sampled": 3,
-        "sites_failed": 0,
-        "train_loss": None,
-        "eval_loss": 3.203,
-        "eval_accuracy": 0.407,
-        "bytes_up": 2_200_000,
-        "bytes_down": 2_200_000,
-        "seconds": 38.3,
-        "epsilon_max": 8.0,
-    }
+    row = round_record(
+        round=2,
+        rounds=3,
+        sites_replied=3,
+        sites_sampled=3,
+        sites_failed=0,
+        train_loss=None,
+        eval_loss=3.203,
+        eval_accuracy=0.407,
+        bytes_up=2_200_000,
+        bytes_down=2_200_000,
+        seconds=38.3,
+        epsilon_max=8.0,
+    )
     plain, causal = io.StringIO(), io.StringIO()
     Progress(stream=plain).round_done(row)
-    Progress(stream=causal).round_done({**row, "eval_perplexity": 24.605})
+    Progress(stream=causal).round_done(replace(row, eval_perplexity=24.605))
     assert "eval loss 3.203 acc 0.407" in plain.getvalue()  # classification: unchanged
     assert "eval loss 3.203 ppl 24.61 acc 0.407" in causal.getvalue()

@@ -21,8 +21,9 @@ import pytest
 from fedpeft.config import ConfigError, compose_config
 from fedpeft.console import PLAIN_EVERY_S, Console, shown_path
 from fedpeft.server.progress import round_line
+from fedpeft.server.rounds import RoundRecord
 from fedpeft.simulation import APP_DIR, RunLog, last_error, write_flower_app
-from fedpeft.testing import offline_env
+from fedpeft.testing import offline_env, round_record
 
 BIN = Path(sys.executable).parent
 #: What only Flower, Ray, transformers, Opacus or Python's warnings print.
@@ -32,22 +33,21 @@ LIBRARY_LINES = re.compile(
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[[\w -]+\] ")
 
 
-def _row(round_number: int, seconds: float) -> dict[str, object]:
-    return {
-        "round": round_number,
-        "rounds": 3,
-        "sites_sampled": 2,
-        "sites_replied": 2,
-        "sites_failed": 0,
-        "train_loss": 0.5,
-        "eval_loss": 0.4,
-        "eval_accuracy": 0.75,
-        "eval_perplexity": None,
-        "bytes_up": 2000,
-        "bytes_down": 1000,
-        "seconds": seconds,
-        "epsilon_max": 1.25,
-    }
+def _row(round_number: int, seconds: float) -> RoundRecord:
+    return round_record(
+        round=round_number,
+        rounds=3,
+        sites_sampled=2,
+        sites_replied=2,
+        sites_failed=0,
+        train_loss=0.5,
+        eval_loss=0.4,
+        eval_accuracy=0.75,
+        bytes_up=2000,
+        bytes_down=1000,
+        seconds=seconds,
+        epsilon_max=1.25,
+    )
 
 
 def _events(path: Path, *events: dict[str, object]) -> None:
@@ -68,12 +68,12 @@ def test_plain_output_shows_rounds_phases_and_an_estimate(tmp_path: Path) -> Non
         {"event": "exchange", "time": t, "stage": "", "replied": 0, "asked": 2},
         {"event": "exchange", "time": t + 5, "stage": "", "replied": 1, "asked": 2},
         {"event": "exchange", "time": t + 8, "stage": "", "replied": 2, "asked": 2},
-        {"event": "round", "time": t + 20, "row": _row(1, 20.0)},
+        {"event": "round", "time": t + 20, "row": _row(1, 20.0).as_json()},
         {"event": "round_start", "time": t + 20, "round": 2, "sampled": 2},
         {"event": "phase", "time": t + 20, "round": 2, "phase": "training"},
         {"event": "exchange", "time": t + 20, "stage": "secagg_masked", "replied": 0, "asked": 2},
         {"event": "exchange", "time": t + 24, "stage": "secagg_masked", "replied": 2, "asked": 2},
-        {"event": "round", "time": t + 30, "row": _row(2, 10.0)},
+        {"event": "round", "time": t + 30, "row": _row(2, 10.0).as_json()},
         {"event": "message", "time": t + 30, "text": "federation ended"},
     )
     out = io.StringIO()
@@ -147,7 +147,7 @@ def test_on_a_terminal_the_status_is_redrawn_and_the_round_line_stays(tmp_path: 
         {"event": "round_start", "time": 0.0, "round": 1, "sampled": 2},
         {"event": "phase", "time": 0.0, "round": 1, "phase": "training"},
         {"event": "exchange", "time": 0.0, "stage": "secagg_setup", "replied": 1, "asked": 2},
-        {"event": "round", "time": 3.0, "row": _row(1, 3.0)},
+        {"event": "round", "time": 3.0, "row": _row(1, 3.0).as_json()},
     )
     out = io.StringIO()
     console = Console(out, live=True)

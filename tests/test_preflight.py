@@ -13,6 +13,7 @@ from fedpeft import constants as K
 from fedpeft.cli import main
 from fedpeft.config import ConfigError, compose_config
 from fedpeft.multirun import expand
+from fedpeft.testing import round_record
 
 
 @pytest.fixture
@@ -126,14 +127,14 @@ def test_budgets_spent_on_rounds_that_trained_end_normally_not_as_an_abort(
     budget = f"{K.ERR_BUDGET}: the round would exceed this site's privacy budget"
     fed = _federation()
     fed.run_dir = RunDir(tmp_path / "run")
-    fed.note_answers({"failures": {"1": budget, "2": budget}}, [])
+    fed.note_answers({"1": budget, "2": budget}, [])
     # no round ever trained: the budget could never allow one (an impossible target)
     assert "no site can train" in str(fed.none_can_train([1, 2], []))
     # after a round that trained, budgets running out is the federation's normal end
-    fed.run_dir.append_metrics({"round": 1, "updated": True})
+    fed.run_dir.append_metrics(round_record(round=1, updated=True))
     assert fed.none_can_train([1, 2], []) is None
     # but a site refusing for another standing reason still counts
-    fed.note_answers({"failures": {"2": f"{K.ERR_SITE_CONFIG}: does not fit"}}, [])
+    fed.note_answers({"2": f"{K.ERR_SITE_CONFIG}: does not fit"}, [])
     assert "no site can train" in str(fed.none_can_train([1, 2], []))
 
 
@@ -142,20 +143,20 @@ def test_no_site_can_train_only_when_every_connected_site_refused() -> None:
     transient = f"{K.ERR_SITE_FAILED}: the site failed to handle the message"
     fed = _federation()
     # two of three sampled (the third not sampled yet): go on
-    fed.note_answers({"failures": {"1": refusal, "2": refusal}}, [])
+    fed.note_answers({"1": refusal, "2": refusal}, [])
     assert fed.none_can_train([1, 2, 3], []) is None
     # one transient failure among refusals: go on
-    fed.note_answers({"failures": {"1": refusal, "2": refusal, "3": transient}}, [])
+    fed.note_answers({"1": refusal, "2": refusal, "3": transient}, [])
     assert fed.none_can_train([1, 2, 3], []) is None
     # a round with a usable update: go on
     assert fed.none_can_train([1, 2, 3], [3]) is None
     # every connected site's latest answer a standing refusal, no update: end, naming it
-    fed.note_answers({"failures": {"3": f"{K.ERR_BUDGET}: over budget"}}, [])
+    fed.note_answers({"3": f"{K.ERR_BUDGET}: over budget"}, [])
     reason = fed.none_can_train([1, 2, 3], [])
     assert reason is not None and "no site can train" in reason
     assert f"2 site(s): {refusal}" in reason and "1 site(s): budget-exceeded" in reason
     # a site that trains again is no longer counted as refusing
-    fed.note_answers({"failures": {}}, [3])
+    fed.note_answers({}, [3])
     assert fed.none_can_train([1, 2, 3], []) is None
 
 

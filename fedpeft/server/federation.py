@@ -47,13 +47,16 @@ from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
 from fedpeft.report import write_report
 from fedpeft.server.aggregation import (
     Aggregation,
+    EvalOutcome,
     EvalRequest,
     PlainAggregation,
+    RoundOutcome,
     RoundRequest,
 )
 from fedpeft.server.privacy_report import PrivacyReport
 from fedpeft.server.progress import Progress
 from fedpeft.server.resume import resume_point
+from fedpeft.server.rounds import RoundRecord
 from fedpeft.server.rundir import ABORTED_FILE, FEDERATION_FILE, Checkpoint, RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation
 from fedpeft.server.strategies import Strategy, make_strategy
@@ -150,9 +153,8 @@ class Federation:
         self.audit_head: dict[str, Any] | None = None  # audit.jsonl's last line, checkpointed
         self.refusing: dict[str, str] = {}  # node id → its latest train answer, a refusal
 
-    def note_answers(self, row: Mapping[str, Any], contributors: Sequence[int]) -> None:
+    def note_answers(self, failures: Mapping[str, str], contributors: Sequence[int]) -> None:
         """Track each sampled node's latest train answer: a standing refusal or not."""
-        failures: Mapping[str, str] = row["failures"]
         for node in contributors:
             self.refusing.pop(str(node), None)
         for failed, reason in failures.items():
@@ -172,7 +174,7 @@ class Federation:
         if contributors or not nodes or not all(str(n) in self.refusing for n in nodes):
             return None
         codes = {self.refusing[str(n)].split(":", 1)[0] for n in nodes}
-        if codes == {K.ERR_BUDGET} and any(r.get("updated") for r in self.run_dir.read_metrics()):
+        if codes == {K.ERR_BUDGET} and any(r.updated for r in self.run_dir.read_rounds()):
             # the budgets were spent on rounds that trained: the federation's normal end
             # ("no site left with privacy budget"), not a federation that could never train
             return None
@@ -224,20 +226,21 @@ class Federation:
         self.next_round = checkpoint.round + 1
         logger.info("resuming %s after round %d", self.run_dir.path, checkpoint.round)
 
-    def write_round(self, row: dict[str, Any]) -> None:
-        """Write a finished round: adapter (hash in ``row``), metrics, privacy.json, card.
+    def write_round(self, figures: dict[str, Any]) -> RoundRecord:
+        """Write a finished round: adapter, its metrics line, privacy.json, model card.
 
         The adapter is saved to a temporary folder first so that its hash goes into the
-        round's metrics row, and the model card (which reads that row) is written beside it
+        round's record, and the model card (which reads that record) is written beside it
         before the folder replaces ``adapter/``: card and adapter change together.
         """
         tmp = self.run_dir.adapter_writer()
         save_adapter(self.loaded, self.global_flat, tmp)
-        row["adapter_sha256"] = adapter_sha256(tmp)
-        self.run_dir.append_metrics(row)
+        record = RoundRecord(**figures, adapter_sha256=adapter_sha256(tmp))
+        self.run_dir.append_metrics(record)
         self.run_dir.write_json("privacy.json", self.privacy.as_json())
         describe_adapter(tmp, self.run_dir.path)  # names RUN_DIR/base; model card README.md
         self.run_dir.commit_adapter(tmp)
+        return record
 
     def write_report(self) -> None:
         """Rewrite ``report.html``; a report that cannot be written does not end the run."""
@@ -254,7 +257,8 @@ class Federation:
         return encode(self.global_flat, self.loaded.layout, seed=self.config.seed)
 
     # --- one round ------------------------------------------------------------------------
-    def train_round(self, round_number: int, nodes: list[int]) -> dict[str, Any]:
+    def train_round(self, round_number: int, nodes: list[int]) -> RoundOutcome:
+        """Train, aggregate and apply one round; the aggregation's outcome."""
         fed = self.config.federation
         request = RoundRequest(
             round_number=round_number,
@@ -268,7 +272,6 @@ class Federation:
             signer=self.signer,
         )
         outcome = self.aggregation.run_round(self.grid, request)
-        updated = outcome.mean_delta is not None
         if outcome.mean_delta is not None:
             self.global_flat = self.strategy.apply(self.global_flat, outcome.mean_delta)
         else:
@@ -276,28 +279,30 @@ class Federation:
                 f"round {round_number}: {len(outcome.contributors)} usable update(s), "
                 f"federation.min_sites={fed.min_sites}; global adapter unchanged"
             )
+        return outcome
+
+    def train_figures(self, nodes: list[int], outcome: RoundOutcome) -> dict[str, Any]:
+        """The training fields of the round's :class:`RoundRecord`."""
         return {
             "sites_sampled": len(nodes),
             "sites_replied": len(outcome.contributors),
             "sites_failed": len(outcome.failures),
             "sites_dropped": len(outcome.dropped),
             "failures": outcome.failures,
-            "updated": updated,
+            "updated": outcome.mean_delta is not None,
             "train_loss": outcome.train_loss,
             "bytes_down": outcome.bytes_down,
             "bytes_up": outcome.bytes_up,
             "site_metrics": outcome.site_metrics,
             "secagg": self.config.secagg.enabled,
             "secagg_params": outcome.secagg_params,
-            "contributors": [int(n) for n in outcome.contributors],
-            "declarations": outcome.declarations,  # to sites.json, not metrics.jsonl
         }
 
     def available(self, nodes: list[int]) -> list[int]:
         """Connected nodes minus those that refused a round for their privacy budget."""
         return [n for n in nodes if str(n) not in self.privacy.exhausted]
 
-    def evaluate_round(self, round_number: int, trained: list[int]) -> dict[str, Any]:
+    def evaluate_round(self, round_number: int, trained: list[int]) -> EvalOutcome | None:
         """Held-out figures of the adapter after ``round_number``, from sites that trained it.
 
         A site evaluates only a round it was charged for (once, one adapter), so the server
@@ -306,16 +311,10 @@ class Federation:
         """
         fed = self.config.federation
         minimum = fed.min_sites if self.config.secagg.enabled else 1
-        empty: dict[str, Any] = {
-            "eval_loss": None,
-            "eval_accuracy": None,
-            "eval_sites": 0,
-            "eval_bytes_down": 0,
-        }
         if fed.fraction_evaluate == 0 or len(trained) < minimum:
-            return empty
+            return None  # not asked
         chosen = sample_nodes(self.rng, trained, fraction=fed.fraction_evaluate, minimum=minimum)
-        outcome = self.aggregation.evaluate(
+        return self.aggregation.evaluate(
             self.grid,
             EvalRequest(
                 round_number=round_number,
@@ -328,22 +327,25 @@ class Federation:
                 signer=self.signer,
             ),
         )
-        row: dict[str, Any] = {
+
+    def eval_figures(self, outcome: EvalOutcome | None) -> dict[str, Any]:
+        """The evaluation fields of the round's :class:`RoundRecord`."""
+        if outcome is None:
+            return {"eval_loss": None, "eval_accuracy": None, "eval_sites": 0, "eval_bytes_down": 0}
+        causal = self.config.model.task == "causal_lm" and outcome.loss is not None
+        return {
             "eval_loss": outcome.loss,
             "eval_accuracy": outcome.accuracy,
             "eval_sites": outcome.sites,
             "eval_bytes_down": outcome.bytes_down,
+            "eval_failures": outcome.failures or None,
+            "eval_perplexity": float(math.exp(min(outcome.loss, 50.0)))
+            if causal and outcome.loss is not None
+            else None,
+            "eval_generations": sum(len(p) for p in outcome.generations.values()) or None,
         }
-        if outcome.failures:
-            row["eval_failures"] = outcome.failures
-        if self.config.model.task == "causal_lm" and outcome.loss is not None:
-            row["eval_perplexity"] = float(math.exp(min(outcome.loss, 50.0)))
-        if outcome.generations:
-            row["eval_generations"] = sum(len(p) for p in outcome.generations.values())
-        row["generations"] = outcome.generations  # to generations.jsonl, not metrics.jsonl
-        return row
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[RoundRecord]:
         config, fed = self.config, self.config.federation
         self.run_dir.write_config(to_yaml(config))
         self.run_dir.write_json(
@@ -371,35 +373,45 @@ class Federation:
                 )
                 break
             sampled = sample_nodes(self.rng, usable, fraction=fed.fraction, minimum=fed.min_sites)
-            row: dict[str, Any] = {"round": round_number, "rounds": fed.rounds}
             phases = {"nodes": time.perf_counter() - start}
             self.progress.round_started(round_number, sampled=len(sampled))
             self.progress.phase_started("training")
-            row.update(self.train_round(round_number, sampled))
+            trained = self.train_round(round_number, sampled)
             phases["train"] = time.perf_counter() - start - sum(phases.values())
-            contributors = row.pop("contributors")
+            contributors = [int(n) for n in trained.contributors]
             self.progress.phase_started("evaluation")
-            row.update(self.evaluate_round(round_number, contributors))
+            evaluated = self.evaluate_round(round_number, contributors)
             phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
-            row["phase_seconds"] = {k: round(v, 4) for k, v in phases.items()}
-            self.privacy.observe(round_number, row["site_metrics"], row["failures"])
-            self.run_dir.record_declarations(round_number, row.pop("declarations"))
-            self.run_dir.record_generations(round_number, row.pop("generations", {}))
+            self.privacy.observe(round_number, trained.site_metrics, trained.failures)
+            # what sites published about their data goes to sites.json, answers to
+            # generations.jsonl: neither is a figure of metrics.jsonl
+            self.run_dir.record_declarations(round_number, trained.declarations)
+            self.run_dir.record_generations(
+                round_number, evaluated.generations if evaluated is not None else {}
+            )
             epsilons = self.privacy.epsilons()
-            row["epsilon"] = epsilons
-            row["epsilon_max"] = max(epsilons.values()) if epsilons else None
-            row["seconds"] = time.perf_counter() - start
-            self.write_round(row)
-            self.audit_head = trail.round(row, sampled=sampled, replied=contributors)
+            record = self.write_round(
+                {
+                    "round": round_number,
+                    "rounds": fed.rounds,
+                    **self.train_figures(sampled, trained),
+                    **self.eval_figures(evaluated),
+                    "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
+                    "epsilon": epsilons,
+                    "epsilon_max": max(epsilons.values()) if epsilons else None,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            self.audit_head = trail.round(record, sampled=sampled, replied=contributors)
             self.checkpoint(round_number)
             self.next_round = round_number + 1
             self.write_report()
-            self.progress.round_done(row)
-            self.note_answers(row, contributors)
+            self.progress.round_done(record)
+            self.note_answers(record.failures, contributors)
             hopeless = self.none_can_train(usable, contributors)
             if hopeless is not None:
                 self.abort(round_number, hopeless)
-        return self.run_dir.read_metrics()
+        return self.run_dir.read_rounds()
 
 
 def run_federation(
@@ -412,7 +424,8 @@ def run_federation(
     signing_key: Ed25519PrivateKey | None = None,
     transport: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every round of a federation and return the rows of ``metrics.jsonl``.
+    """Run every round of a federation and return the lines of ``metrics.jsonl`` as written
+    (:meth:`RoundRecord.as_json`; ``RunDir.read_rounds`` reads them typed).
 
     With ``resume`` the federation whose files are in ``run_dir`` continues after its last
     finished round (see :meth:`Federation.resume`); with ``signing_key`` every instruction
@@ -433,4 +446,4 @@ def run_federation(
     )
     if resume:
         federation.resume()
-    return federation.run()
+    return [record.as_json() for record in federation.run()]

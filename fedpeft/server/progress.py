@@ -14,27 +14,12 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedpeft.server.rounds import RoundRecord
 from fedpeft.server.rundir import EVENTS_FILE
-
-#: Round fields an event carries (JSON scalars only: the console needs no more).
-ROUND_FIELDS = (
-    "round",
-    "rounds",
-    "sites_sampled",
-    "sites_replied",
-    "sites_failed",
-    "train_loss",
-    "eval_loss",
-    "eval_accuracy",
-    "eval_perplexity",
-    "bytes_up",
-    "bytes_down",
-    "seconds",
-    "epsilon_max",
-)
 
 
 def format_bytes(n: float) -> str:
@@ -57,18 +42,18 @@ def start_line(*, rounds: int, sites: int, run_dir: str, adapter_floats: int) ->
     )
 
 
-def round_line(row: dict[str, Any]) -> str:
+def round_line(record: RoundRecord) -> str:
     """The one line a finished round prints."""
-    eps = row.get("epsilon_max")
+    eps = record.epsilon_max
     privacy = f" | ε≤{eps:.2f}" if eps is not None else ""
-    ppl = row.get("eval_perplexity")  # causal LM: perplexity beside token accuracy
+    ppl = record.eval_perplexity  # causal LM: perplexity beside token accuracy
     perplexity = f" ppl {ppl:.2f}" if ppl is not None else ""
     return (
-        f"round {row['round']}/{row['rounds']} | sites {row['sites_replied']}/"
-        f"{row['sites_sampled']} (failed {row['sites_failed']}) | train loss "
-        f"{_fmt(row['train_loss'])} | eval loss {_fmt(row['eval_loss'])}{perplexity} acc "
-        f"{_fmt(row['eval_accuracy'])} | up {format_bytes(row['bytes_up'])} down "
-        f"{format_bytes(row['bytes_down'])} | {row['seconds']:.1f} s{privacy}"
+        f"round {record.round}/{record.rounds} | sites {record.sites_replied}/"
+        f"{record.sites_sampled} (failed {record.sites_failed}) | train loss "
+        f"{_fmt(record.train_loss)} | eval loss {_fmt(record.eval_loss)}{perplexity} acc "
+        f"{_fmt(record.eval_accuracy)} | up {format_bytes(record.bytes_up)} down "
+        f"{format_bytes(record.bytes_down)} | {record.seconds:.1f} s{privacy}"
     )
 
 
@@ -132,27 +117,27 @@ class Progress:
             asked=asked,
         )
 
-    def round_done(self, row: dict[str, Any]) -> None:
-        self._record("round", row={k: row.get(k) for k in ROUND_FIELDS})
-        self._print(round_line(row))
+    def round_done(self, record: RoundRecord) -> None:
+        self._record("round", row=record.as_json())
+        self._print(round_line(record))
 
     def message(self, text: str) -> None:
         self._record("message", text=text)
         self._print(f"fedpeft: {text}")
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
+def summary_table(records: Sequence[RoundRecord]) -> str:
     """A fixed-width table of the rounds, for the end of a run."""
     header = (
         f"{'round':>5} {'sites':>7} {'train loss':>10} {'eval loss':>9} {'accuracy':>8} "
         f"{'up':>9} {'down':>9} {'s':>6}"
     )
     lines = [header, "-" * len(header)]
-    for r in rows:
+    for r in records:
         lines.append(
-            f"{r['round']:>5} {str(r['sites_replied']) + '/' + str(r['sites_sampled']):>7} "
-            f"{_fmt(r['train_loss']):>10} {_fmt(r['eval_loss']):>9} {_fmt(r['eval_accuracy']):>8} "
-            f"{format_bytes(r['bytes_up']):>9} {format_bytes(r['bytes_down']):>9} "
-            f"{r['seconds']:>6.1f}"
+            f"{r.round:>5} {f'{r.sites_replied}/{r.sites_sampled}':>7} "
+            f"{_fmt(r.train_loss):>10} {_fmt(r.eval_loss):>9} {_fmt(r.eval_accuracy):>8} "
+            f"{format_bytes(r.bytes_up):>9} {format_bytes(r.bytes_down):>9} "
+            f"{r.seconds:>6.1f}"
         )
     return "\n".join(lines)

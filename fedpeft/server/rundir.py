@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from fedpeft.files import atomic_write_text, replace_dir
 from fedpeft.model_card import SITES_FILE
+from fedpeft.server.rounds import RoundRecord, read_metrics_lines, read_rounds
 
 if TYPE_CHECKING:
     from fedpeft.config import FedPeftConfig
@@ -102,10 +103,11 @@ class RunDir:
             raise ValueError(f"{path} holds {type(payload).__name__}, not a JSON object")
         return payload
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one round's figures; rewritten whole so a crash never leaves half a line."""
-        rows = self.read_metrics()
-        rows = [r for r in rows if r.get("round") != row.get("round")] + [row]
+    def append_metrics(self, record: RoundRecord) -> None:
+        """Append one round's figures (a round run again replaces its line); the file is
+        rewritten whole so a crash never leaves half a line."""
+        rows = [r for r in self.read_metrics() if r.get("round") != record.round]
+        rows.append(record.as_json())
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def record_generations(
@@ -127,10 +129,12 @@ class RunDir:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """The lines of ``metrics.jsonl`` as JSON objects (the file as PRODUCT.md states it)."""
+        return read_metrics_lines(self.metrics_path)
+
+    def read_rounds(self) -> list[RoundRecord]:
+        """The finished rounds, typed (:meth:`RoundRecord.from_json` checks every line)."""
+        return read_rounds(self.metrics_path)
 
     def adapter_writer(self) -> Path:
         """A fresh temporary folder to save the adapter into; pass it to :meth:`commit_adapter`."""

@@ -29,6 +29,7 @@ from fedpeft.config import FedPeftConfig, to_yaml
 from fedpeft.instructions import config_digest
 from fedpeft.lineage import base_identity
 from fedpeft.privacy.trail import AuditTrail, read_trail
+from fedpeft.server.rounds import RoundRecord
 
 __all__ = ["AUDIT_FILE", "REFUSAL_CODES", "CoordinatorTrail", "reason_code"]
 
@@ -92,10 +93,10 @@ class CoordinatorTrail:
         )
 
     def round(
-        self, row: dict[str, Any], *, sampled: list[int], replied: list[int]
+        self, record: RoundRecord, *, sampled: list[int], replied: list[int]
     ) -> dict[str, Any]:
-        """Log round ``row["round"]`` (a metrics row with ``adapter_sha256``); return the head."""
-        failures: dict[str, str] = row["failures"]
+        """Log a written round (its adapter hash included); return the trail's head."""
+        failures = record.failures
         answered = {str(n) for n in replied} | set(failures)
         refused = {
             n: reason_code(r) for n, r in failures.items() if reason_code(r) in REFUSAL_CODES
@@ -103,19 +104,19 @@ class CoordinatorTrail:
         self.trail.append(
             "round",
             {
-                "round": row["round"],
+                "round": record.round,
                 "sampled": [str(n) for n in sampled],
                 "replied": [str(n) for n in replied],
                 "dropped": [str(n) for n in sampled if str(n) not in answered],
                 "refused": refused,
                 "failed": {n: reason_code(r) for n, r in failures.items() if n not in refused},
-                "updated": bool(row["updated"]),
-                "evaluated_by": row.get("eval_sites", 0),
+                "updated": record.updated,
+                "evaluated_by": record.eval_sites,
                 "evaluation_failed": {
-                    n: reason_code(r) for n, r in row.get("eval_failures", {}).items()
+                    n: reason_code(r) for n, r in (record.eval_failures or {}).items()
                 },
-                "adapter_sha256": row["adapter_sha256"],
-                "epsilon": dict(row["epsilon"]),
+                "adapter_sha256": record.adapter_sha256,
+                "epsilon": dict(record.epsilon),
             },
         )
         return self.head()
