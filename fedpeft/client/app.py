@@ -34,9 +34,9 @@ What leaves the site, and why nothing else does (README, "What leaves a site"):
   nothing when it published none; a secure evaluation never carries a text;
 - an error reply carries a fixed code and message (:mod:`fedpeft.client.errors`).
 
-Before anything is charged, the site checks its own rules (:mod:`fedpeft.client.privacy`)
-and, when its node config names ``coordinator-public-key``, the coordinator's signature of
-the instruction (:mod:`fedpeft.instructions`).
+Before anything is charged, the site checks its own rules (:mod:`fedpeft.client.rules`,
+:mod:`fedpeft.client.budget`) and, when its node config names ``coordinator-public-key``,
+the coordinator's signature of the instruction (:mod:`fedpeft.instructions`).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     its delta with zeros to the global trained layout (:mod:`fedpeft.ranks`); it reports its
     rank (plain aggregation) and its rank-slot indicator (``rank_slots``, secure aggregation).
     """
-    from fedpeft.client.privacy import site_privacy
+    from fedpeft.client.budget import site_privacy
     from fedpeft.client.train import train_local
     from fedpeft.ranks import pad_to_rank, rank_indicator
 
@@ -306,7 +306,7 @@ def _evaluate(msg: Message, site: Site, *, session: str = "", generate: bool = F
     instruction, and their answers are bounded like the figures — once per trained round, of
     one adapter, at ``train.eval_max_new_tokens`` tokens each.
     """
-    from fedpeft.client.privacy import site_privacy
+    from fedpeft.client.budget import site_privacy
     from fedpeft.client.train import evaluate_local
 
     round_number = _round(msg)
