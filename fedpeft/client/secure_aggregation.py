@@ -5,8 +5,9 @@ message from each request, runs :class:`~fedpeft.privacy.secagg.SecAggClient` on
 further, and answers its reply. Between stages the client's state (private keys, Shamir
 shares) lives in ``context.state`` under :data:`fedpeft.constants.SECAGG_STATE`, on the site
 only: it is never put into a reply. The protocol is in :mod:`fedpeft.privacy.secagg`; the
-server's side in :mod:`fedpeft.server.secure_aggregation`; local training in
-:mod:`fedpeft.client.app`, which registers these handlers.
+server's side in :mod:`fedpeft.server.secure_aggregation`; the site's update, which the masked
+stage masks, in :mod:`fedpeft.client.release`; :mod:`fedpeft.client.app` registers these
+handlers.
 
 In the masked stage the site trains only after checking that the request is the one its
 state expects (right round, right stage), then clips its delta to the server's clip range,
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -44,6 +45,7 @@ from flwr.app import (
 
 from fedpeft import constants as K
 from fedpeft.client.errors import SiteRefusal, error_reply
+from fedpeft.client.release import LocalUpdate
 from fedpeft.client.rules import site_rules
 from fedpeft.privacy.secagg import (
     EncryptedShares,
@@ -58,9 +60,6 @@ from fedpeft.privacy.secagg import (
     UnmaskShares,
 )
 from fedpeft.privacy.secagg_wire import decode, encode
-
-if TYPE_CHECKING:  # fedpeft.client.app imports this module
-    from fedpeft.client.app import LocalUpdate
 
 __all__ = [
     "answer_stage",
