@@ -21,8 +21,8 @@ only as a sum; the site's rank is then not reported in the clear.
 How many values were clipped is logged here and never sent.
 
 A request that breaks the protocol (wrong round, wrong stage, no round in progress, malformed
-fields) raises, and the handler wrappers turn every exception into an error reply the server
-records.
+fields) raises, and the ClientApp's error mod (:func:`fedpeft.client.errors.error_reply_mod`)
+turns every exception into an error reply the server records.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from flwr.app import (
 )
 
 from fedpeft import constants as K
-from fedpeft.client.errors import SiteRefusal, error_reply
+from fedpeft.client.errors import SiteRefusal
 from fedpeft.client.release import LocalUpdate
 from fedpeft.client.rules import site_rules
 from fedpeft.privacy.secagg import (
@@ -62,7 +62,6 @@ from fedpeft.privacy.secagg import (
 from fedpeft.privacy.secagg_wire import decode, encode
 
 __all__ = [
-    "answer_stage",
     "handle_masked",
     "handle_setup",
     "handle_share_keys",
@@ -194,13 +193,3 @@ def handle_unmask(msg: Message, context: Context) -> RecordDict:
     reply = client.unmask(_request(UnmaskRequest, msg))
     _save(context, client)
     return _reply(reply)
-
-
-def answer_stage(
-    msg: Message, context: Context, handler: Callable[[Message, Context], RecordDict]
-) -> Message:
-    """Run a stage handler that needs no site resources; any exception → an error reply."""
-    try:
-        return Message(handler(msg, context), reply_to=msg)
-    except Exception as err:  # a site's failure is a recorded error, not a crashed federation
-        return error_reply(msg, err)
