@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "clientapp_module_s": import_seconds("import fedpeft.client.app"),
         "training_stack_s": import_seconds(
             "import fedpeft.client.app, fedpeft.client.site, fedpeft.client.train, "
-            "fedpeft.client.privacy, fedpeft.privacy.dp"
+            "fedpeft.client.budget, fedpeft.privacy.dp"
         ),
     }
     payload = {

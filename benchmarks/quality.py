@@ -303,7 +303,7 @@ def paired_secret(seed: int, site: int) -> bytes:
     """Site ``site``'s DP randomness key in every run of training seed ``seed``.
 
     Benchmark only: a real site's key is random and never known to anyone else
-    (:func:`fedpeft.client.privacy.site_secret`). Here the runs of one seed share their sites'
+    (:func:`fedpeft.client.budget.site_secret`). Here the runs of one seed share their sites'
     keys and federation id, so they draw the same Poisson batches and noise seeds, and a
     difference between two strategies of one seed is not a difference of luck in sampling.
     """

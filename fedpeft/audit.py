@@ -11,7 +11,7 @@ run and the report.
 What is audited is a simulated site's own path, end to end: site 0's training split of the
 configured dataset (as ``fedpeft simulate`` partitions it), the configured model and adapter
 (:func:`fedpeft.model.build_model`) and the tensors the strategy trains; the site's privacy
-plan (:func:`fedpeft.client.privacy.site_privacy`: δ, the sampling rate q and σ calibrated for
+plan (:func:`fedpeft.client.budget.site_privacy`: δ, the sampling rate q and σ calibrated for
 ``federation.rounds × train.local_steps`` steps against ``privacy.epsilon``); each round
 charged to a :class:`~fedpeft.privacy.ledger.PrivacyLedger` before it trains, its randomness
 keyed from the site secret and the round's binding as a site keys it; and DP-SGD through
@@ -85,7 +85,7 @@ from fedpeft.names import Optimizer
 from fedpeft.privacy.audit import DEFAULT_BETA, AuditBound, audit_bound
 
 if TYPE_CHECKING:
-    from fedpeft.client.privacy import SitePrivacy
+    from fedpeft.client.budget import SitePrivacy
 
 __all__ = [
     "AUDIT_FILE",
@@ -415,8 +415,8 @@ class _DiracCanaries:
 def _plan(
     config: FedPeftConfig, ledger_dir: Path, *, num_train: int, run_id: str, seed: int | None
 ) -> SitePrivacy:
-    """The site's privacy plan (fedpeft.client.privacy), with a seeded secret if asked."""
-    from fedpeft.client.privacy import site_privacy
+    """The site's privacy plan (fedpeft.client.budget), with a seeded secret if asked."""
+    from fedpeft.client.budget import site_privacy
 
     ledger_dir.mkdir(parents=True)
     if seed is not None:

@@ -14,7 +14,7 @@ This module owns three things:
   plain ``transformers`` + ``peft``.
 
 When a site generates (once per round it trained, bound like its evaluation figures, and
-never under secure aggregation) is :mod:`fedpeft.client.app`'s business; what the server keeps
+never under secure aggregation) is :mod:`fedpeft.client.release`'s business; what the server keeps
 (``RUN_DIR/generations.jsonl``) is :mod:`fedpeft.server.rundir`'s.
 """
 

@@ -10,7 +10,7 @@ process, and raises one :class:`~fedpeft.config.ConfigError` that lists every pr
 It uses the sites' own code, not a copy of their rules: :func:`fedpeft.data.load_dataset`
 and :func:`fedpeft.data.partition_dataset` (columns, labels, partition sizes),
 :func:`fedpeft.data.split_site` with :func:`fedpeft.client.site.held_out_split` (each
-partition's train / held-out split) and :func:`fedpeft.client.privacy.plan_noise` (each
+partition's train / held-out split) and :func:`fedpeft.client.budget.plan_noise` (each
 site's δ and calibrated σ, with the history of an existing ledger in
 ``privacy.ledger_dir``). The model is checked without loading weights: the loader's
 package or folder and its ``config.json``; a ``federation.ray_address`` of ``HOST:PORT`` is
@@ -128,7 +128,7 @@ def _import_site_code() -> None:
     """
     root = logging.getLogger()
     before = list(root.handlers)
-    import fedpeft.client.privacy  # noqa: F401  (imports Opacus)
+    import fedpeft.client.budget  # noqa: F401  (imports Opacus)
 
     for handler in root.handlers[:]:
         if handler not in before:
@@ -150,8 +150,8 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
         With one line: every problem found, each naming the setting, the value and the fix.
     """
     _import_site_code()
+    from fedpeft.client.budget import _stored_delta, existing_history, ledger_path, plan_noise
     from fedpeft.client.errors import SiteRefusal
-    from fedpeft.client.privacy import _stored_delta, existing_history, ledger_path, plan_noise
     from fedpeft.client.rules import site_rules
     from fedpeft.client.site import held_out_split
     from fedpeft.data import load_dataset, partition_dataset, split_site
@@ -189,7 +189,7 @@ def preflight(config: FedPeftConfig) -> PreflightReport:
         plans: dict[tuple[int, float | None], float] = {}
         for pid, num_train in sizes.items():
             rules = site_rules({K.NODE_PARTITION_ID: pid})
-            # the virtual site's own ledger file (fedpeft.client.privacy.ledger_path)
+            # the virtual site's own ledger file (fedpeft.client.budget.ledger_path)
             ledger = (
                 ledger_path(config, rules, f"site {pid}") if config.privacy.ledger_dir else None
             )
@@ -332,7 +332,7 @@ def check_node_config(
 
 
 def _ledger_problems(rules: SiteRules, config: FedPeftConfig) -> list[str]:
-    from fedpeft.client.privacy import _stored_delta
+    from fedpeft.client.budget import _stored_delta
     from fedpeft.privacy.errors import PrivacyError
     from fedpeft.privacy.ledger import PrivacyLedger
 

@@ -250,7 +250,7 @@ def test_fit_head_separates_separable_data_and_l2_shrinks_it() -> None:
 def test_paired_secret_is_a_fixed_32_byte_key_per_seed_and_site() -> None:
     quality = load_quality()
     keys = {(seed, site): quality.paired_secret(seed, site) for seed in (0, 1) for site in (0, 1)}
-    assert all(len(k) == 32 for k in keys.values())  # fedpeft.client.privacy.SECRET_BYTES
+    assert all(len(k) == 32 for k in keys.values())  # fedpeft.client.budget.SECRET_BYTES
     assert len(set(keys.values())) == 4  # every seed and site its own stream
     assert quality.paired_secret(1, 0) == keys[(1, 0)]  # the same in every run of the seed
 

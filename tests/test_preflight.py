@@ -82,7 +82,7 @@ def test_bad_input_exits_2_with_one_line_before_ray(
 
 
 def test_preflight_calibrates_each_site_as_the_site_does(cls_csv: Path) -> None:
-    from fedpeft.client.privacy import calibrate_with_history
+    from fedpeft.client.budget import calibrate_with_history
     from fedpeft.preflight import preflight
 
     config = compose_config(

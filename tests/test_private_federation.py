@@ -176,7 +176,7 @@ def test_a_site_without_ledger_path_refuses(tmp_path: Path) -> None:
 
 def test_dp_randomness_is_the_sites_secret_not_the_coordinators(tmp_path: Path) -> None:
     """Same config and data, different site secrets → different noise and sampling."""
-    from fedpeft.client.privacy import site_secret
+    from fedpeft.client.budget import site_secret
 
     def delta_of_site_11(folder: str) -> Any:
         config = _config(tmp_path / folder, "federation.rounds=1")
@@ -209,7 +209,7 @@ def test_dp_randomness_is_the_sites_secret_not_the_coordinators(tmp_path: Path) 
 
 def test_a_round_with_other_inputs_is_charged_again(tmp_path: Path) -> None:
     """Same (federation, round) again: free only as a retry with the same binding."""
-    from fedpeft.client.privacy import site_privacy
+    from fedpeft.client.budget import site_privacy
 
     config = _config(tmp_path, "privacy.noise_multiplier=1.0")
     node = {

@@ -4,14 +4,18 @@ An error reply leaves the site, so it must not carry data-dependent text (how ma
 were not finite, a file's columns, a ledger's spent ε). Every exception a handler raises is
 logged here in full, in the site's own log, and answered with one of the fixed codes of
 :data:`fedpeft.constants.SITE_ERRORS`; the server records the code. This is the one place
-that turns an exception into an error reply, for every handler of the ClientApp.
+that turns an exception into an error reply: for every handler of the ClientApp, one Flower
+mod (:func:`error_reply_mod`), as Flower's own mods wrap a handler
+(``flwr/clientapp/mod/centraldp_mods.py``); the site's audit trail
+(:mod:`fedpeft.client.trail`) calls :func:`error_reply` for its own failures.
 """
 
 from __future__ import annotations
 
 import logging
 
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft import constants as K
 from fedpeft.config import ConfigError
@@ -24,7 +28,7 @@ from fedpeft.privacy.errors import (
 from fedpeft.privacy.secagg import SecAggError
 from fedpeft.privacy.signing import SignatureError
 
-__all__ = ["SiteRefusal", "error_code", "error_reply"]
+__all__ = ["SiteRefusal", "error_code", "error_reply", "error_reply_mod"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +88,15 @@ def error_reply(msg: Message, error: BaseException) -> Message:
         logger.debug("traceback of the %s above", code, exc_info=error)
     number, text = K.SITE_ERRORS[code]
     return Message(Error(code=number, reason=f"{code}: {text}"), reply_to=msg)
+
+
+def error_reply_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The Flower mod that answers any exception of the handler it wraps with :func:`error_reply`.
+
+    A refusal (:class:`SiteRefusal`) and a failure alike become the fixed error reply of
+    their code, so a site's failure is a recorded error, not a crashed federation.
+    """
+    try:
+        return call_next(msg, context)
+    except Exception as err:  # a site's failure is a recorded error, not a crashed federation
+        return error_reply(msg, err)

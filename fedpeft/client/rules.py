@@ -1,6 +1,6 @@
 """A site's privacy rules, from its node config: what the coordinator can never override.
 
-Kept apart from :mod:`fedpeft.client.privacy` (which imports the training stack) so that the
+Kept apart from :mod:`fedpeft.client.budget` (which imports the training stack) so that the
 ClientApp can check them, and a coordinator's signature, before loading torch or a model.
 See :class:`SiteRules` for each setting and README, "Who decides what".
 """

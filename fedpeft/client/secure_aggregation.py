@@ -5,8 +5,9 @@ message from each request, runs :class:`~fedpeft.privacy.secagg.SecAggClient` on
 further, and answers its reply. Between stages the client's state (private keys, Shamir
 shares) lives in ``context.state`` under :data:`fedpeft.constants.SECAGG_STATE`, on the site
 only: it is never put into a reply. The protocol is in :mod:`fedpeft.privacy.secagg`; the
-server's side in :mod:`fedpeft.server.secure_aggregation`; local training in
-:mod:`fedpeft.client.app`, which registers these handlers.
+server's side in :mod:`fedpeft.server.secure_aggregation`; the site's update, which the masked
+stage masks, in :mod:`fedpeft.client.release`; :mod:`fedpeft.client.app` registers these
+handlers.
 
 In the masked stage the site trains only after checking that the request is the one its
 state expects (right round, right stage), then clips its delta to the server's clip range,
@@ -20,15 +21,15 @@ only as a sum; the site's rank is then not reported in the clear.
 How many values were clipped is logged here and never sent.
 
 A request that breaks the protocol (wrong round, wrong stage, no round in progress, malformed
-fields) raises, and the handler wrappers turn every exception into an error reply the server
-records.
+fields) raises, and the ClientApp's error mod (:func:`fedpeft.client.errors.error_reply_mod`)
+turns every exception into an error reply the server records.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -43,7 +44,8 @@ from flwr.app import (
 )
 
 from fedpeft import constants as K
-from fedpeft.client.errors import SiteRefusal, error_reply
+from fedpeft.client.errors import SiteRefusal
+from fedpeft.client.release import LocalUpdate
 from fedpeft.client.rules import site_rules
 from fedpeft.privacy.secagg import (
     EncryptedShares,
@@ -59,11 +61,7 @@ from fedpeft.privacy.secagg import (
 )
 from fedpeft.privacy.secagg_wire import decode, encode
 
-if TYPE_CHECKING:  # fedpeft.client.app imports this module
-    from fedpeft.client.app import LocalUpdate
-
 __all__ = [
-    "answer_stage",
     "handle_masked",
     "handle_setup",
     "handle_share_keys",
@@ -195,13 +193,3 @@ def handle_unmask(msg: Message, context: Context) -> RecordDict:
     reply = client.unmask(_request(UnmaskRequest, msg))
     _save(context, client)
     return _reply(reply)
-
-
-def answer_stage(
-    msg: Message, context: Context, handler: Callable[[Message, Context], RecordDict]
-) -> Message:
-    """Run a stage handler that needs no site resources; any exception → an error reply."""
-    try:
-        return Message(handler(msg, context), reply_to=msg)
-    except Exception as err:  # a site's failure is a recorded error, not a crashed federation
-        return error_reply(msg, err)

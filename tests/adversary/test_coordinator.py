@@ -823,7 +823,7 @@ def test_answers_are_bound_like_the_figures(tmp_path: Path) -> None:
 def test_a_secure_evaluation_carries_no_text(tmp_path: Path) -> None:
     """Under secure aggregation a site that published prompts still sends only the three
     masked figures (a text cannot be summed), and a plain evaluate is refused."""
-    from fedpeft.client.app import local_update, secure_evaluation
+    from fedpeft.client.release import local_update, secure_evaluation
     from fedpeft.client.site import load_site
 
     config = _causal(tmp_path, "secagg.enabled=true")

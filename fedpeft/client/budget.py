@@ -1,8 +1,10 @@
-"""A site's differential privacy: its rules, its budget, its ledger, and charging a round.
+"""A site's privacy budget for a run: its ceiling, δ, calibrated σ, ledger and secret.
 
-The site has the last word on privacy (:class:`SiteRules`, from its node config). On a
-deployed site — any node that is not a simulation partition — the coordinator cannot lower
-it:
+This module applies the site's rules (:class:`~fedpeft.client.rules.SiteRules`, from its node
+config) to a run and charges each round to the site's ledger; the arithmetic — accountants,
+calibration — and the ledger itself are :mod:`fedpeft.privacy`'s. The site has the last word
+on privacy. On a deployed site — any node that is not a simulation partition — the
+coordinator cannot lower it:
 
 - the ledger is the node config's ``ledger-path`` (required; ``privacy.ledger_dir`` is
   ignored) and the ceiling ``privacy-epsilon-max`` (required); the ceiling actually used is
