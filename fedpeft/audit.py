@@ -11,7 +11,7 @@ run and the report.
 What is audited is a simulated site's own path, end to end: site 0's training split of the
 configured dataset (as ``fedpeft simulate`` partitions it), the configured model and adapter
 (:func:`fedpeft.model.build_model`) and the tensors the strategy trains; the site's privacy
-plan (:func:`fedpeft.client.budget.site_privacy`: δ, the sampling rate q and σ calibrated for
+plan (:func:`fedpeft.client.budget.site_budget`: δ, the sampling rate q and σ calibrated for
 ``federation.rounds × train.local_steps`` steps against ``privacy.epsilon``); each round
 charged to a :class:`~fedpeft.privacy.ledger.PrivacyLedger` before it trains, its randomness
 keyed from the site secret and the round's binding as a site keys it; and DP-SGD through
@@ -85,7 +85,7 @@ from fedpeft.names import Optimizer
 from fedpeft.privacy.audit import DEFAULT_BETA, AuditBound, audit_bound
 
 if TYPE_CHECKING:
-    from fedpeft.client.budget import SitePrivacy
+    from fedpeft.client.budget import SiteBudget
 
 __all__ = [
     "AUDIT_FILE",
@@ -414,9 +414,9 @@ class _DiracCanaries:
 
 def _plan(
     config: FedPeftConfig, ledger_dir: Path, *, num_train: int, run_id: str, seed: int | None
-) -> SitePrivacy:
+) -> SiteBudget:
     """The site's privacy plan (fedpeft.client.budget), with a seeded secret if asked."""
-    from fedpeft.client.budget import site_privacy
+    from fedpeft.client.budget import site_budget
 
     ledger_dir.mkdir(parents=True)
     if seed is not None:
@@ -428,7 +428,7 @@ def _plan(
         with os.fdopen(fd, "wb") as handle:
             handle.write(secret)
     site_config = replace(config, privacy=replace(config.privacy, ledger_dir=str(ledger_dir)))
-    return site_privacy(
+    return site_budget(
         site_config,
         {K.NODE_PARTITION_ID: 0},
         site_name=_SITE,

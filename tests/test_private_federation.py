@@ -209,7 +209,7 @@ def test_dp_randomness_is_the_sites_secret_not_the_coordinators(tmp_path: Path) 
 
 def test_a_round_with_other_inputs_is_charged_again(tmp_path: Path) -> None:
     """Same (federation, round) again: free only as a retry with the same binding."""
-    from fedpeft.client.budget import site_privacy
+    from fedpeft.client.budget import site_budget
 
     config = _config(tmp_path, "privacy.noise_multiplier=1.0")
     node = {
@@ -217,7 +217,7 @@ def test_a_round_with_other_inputs_is_charged_again(tmp_path: Path) -> None:
         K.NODE_EPSILON_MAX: 100.0,
         K.NODE_DELTA: 1e-5,
     }
-    plan = site_privacy(config, node, site_name="s", num_train=51, run_id="fed")
+    plan = site_budget(config, node, site_name="s", num_train=51, run_id="fed")
     plan.charge(run_id="fed", round_number=1, binding="a" * 64)
     plan.charge(run_id="fed", round_number=1, binding="a" * 64)  # a retry: charged once
     plan.charge(run_id="fed", round_number=1, binding="b" * 64)  # other inputs: again

@@ -80,7 +80,7 @@ def site_secret(ledger_file: Path) -> bytes:
 
 
 @dataclass(frozen=True)
-class SitePrivacy:
+class SiteBudget:
     """A site's privacy settings for one run, ready to charge rounds."""
 
     ledger: PrivacyLedger
@@ -233,7 +233,7 @@ def plan_noise(
     stored_delta: float | None,
     prior: Callable[[float], list[tuple[float, float, int]]],
 ) -> NoisePlan:
-    """Ceiling, δ, q and the calibrated σ of a site: the arithmetic of :func:`site_privacy`.
+    """Ceiling, δ, q and the calibrated σ of a site: the arithmetic of :func:`site_budget`.
 
     Pure apart from ``prior``, which returns the ledger's history of earlier runs at the
     decided δ (``[]`` for a new ledger), so that :mod:`fedpeft.preflight` can run the very
@@ -311,17 +311,17 @@ def existing_history(
     return _prior_history(path, delta=delta, config=config, run_id=run_id)
 
 
-_PLANS: dict[str, SitePrivacy] = {}
+_PLANS: dict[str, SiteBudget] = {}
 
 
-def site_privacy(
+def site_budget(
     config: FedPeftConfig,
     node_config: Mapping[str, object],
     *,
     site_name: str,
     num_train: int,
     run_id: str,
-) -> SitePrivacy:
+) -> SiteBudget:
     """The site's privacy plan for this run (calibrated once, then cached).
 
     Raises
@@ -356,7 +356,7 @@ def site_privacy(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     ledger = PrivacyLedger(path, delta=plan.delta, accountant=config.privacy.accountant)
-    site = SitePrivacy(
+    site = SiteBudget(
         ledger=ledger,
         ceiling=plan.ceiling,
         delta=plan.delta,

@@ -186,7 +186,7 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     its delta with zeros to the global trained layout (:mod:`fedpeft.ranks`); it reports its
     rank (plain aggregation) and its rank-slot indicator (``rank_slots``, secure aggregation).
     """
-    from fedpeft.client.budget import site_privacy
+    from fedpeft.client.budget import site_budget
     from fedpeft.client.train import train_local
     from fedpeft.ranks import pad_to_rank, rank_indicator
 
@@ -200,7 +200,7 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     global_flat = _global_flat(msg, site)
     privacy = None
     if config.privacy.enabled:
-        privacy = site_privacy(
+        privacy = site_budget(
             config,
             site.node_config,
             site_name=site.name,
@@ -290,7 +290,7 @@ def _evaluate(msg: Message, site: Site, *, session: str = "", generate: bool = F
     instruction, and their answers are bounded like the figures — once per trained round, of
     one adapter, at ``train.eval_max_new_tokens`` tokens each.
     """
-    from fedpeft.client.budget import site_privacy
+    from fedpeft.client.budget import site_budget
     from fedpeft.client.train import evaluate_local
 
     round_number = _round(msg)
@@ -300,7 +300,7 @@ def _evaluate(msg: Message, site: Site, *, session: str = "", generate: bool = F
     digest = adapter_digest(global_flat.tobytes())
     prompts = site.prompts if generate else ()
     if site.config.privacy.enabled:
-        privacy = site_privacy(
+        privacy = site_budget(
             site.config,
             site.node_config,
             site_name=site.name,

@@ -13,7 +13,7 @@ their privacy ledgers under. A restarted ServerApp continues it after its latest
 from the same checkpoint and charged once.
 
 Evaluation asks only the sites that trained in the round (a site evaluates nothing else, see
-:mod:`fedpeft.client.app`); under secure aggregation it is a secure sum of their figures.
+:mod:`fedpeft.client.release`); under secure aggregation it is a secure sum of their figures.
 With a coordinator key every train and evaluate instruction is signed, so sites that trust
 only that coordinator can tell its instructions from anyone else's.
 

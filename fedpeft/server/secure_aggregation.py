@@ -23,7 +23,7 @@ unmasked sum into the round's mean delta. The protocol and its cryptography are 
 
 **Evaluation is a secure sum too** (:meth:`SecureAggregation.evaluate`): the same four stages
 with a three-element vector per site, ``c · (accuracy, min(loss, cap) / cap, 1)``
-(:func:`fedpeft.client.app.secure_evaluation`), under its own round id; the server learns the
+(:func:`fedpeft.client.release.secure_evaluation`), under its own round id; the server learns the
 mean figures over the sites that evaluated and how many did, never one site's.
 
 **Weighting is uniform.** The mean delta is ``sum / count`` over the sites whose masked vectors
@@ -391,7 +391,7 @@ class SecureAggregation(Aggregation):
         """A secure sum of the sites' held-out figures: the server learns only their means.
 
         Each site masks ``(c · accuracy, c · min(loss, cap) / cap, c)``
-        (:func:`fedpeft.client.app.secure_evaluation`); the sum's last element over ``c``
+        (:func:`fedpeft.client.release.secure_evaluation`); the sum's last element over ``c``
         counts the sites that evaluated, so the means are uniform over those sites.
         """
         nodes = [int(n) for n in request.nodes]
