@@ -29,8 +29,8 @@ FlowerTune's LLM baselines report ≈ 0.19 % of the full model per round for com
 
 Usage::
 
-    python benchmarks/communication.py            # secure rounds of n = 10 and 100 sites
-    python benchmarks/communication.py --quick    # n = 5 only
+    python -m benchmarks.communication            # secure rounds of n = 10 and 100 sites
+    python -m benchmarks.communication --quick    # n = 5 only
 
 Writes ``benchmarks/results/communication.json``.
 """
@@ -39,20 +39,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from secagg_primitives import run_round  # noqa: E402
-
-from fedpeft.broadcast import encode, initial_values, is_derivable  # noqa: E402
-from fedpeft.config import StrategyConfig, compose_config  # noqa: E402
-from fedpeft.model import AdapterLayout, adapter_parameters, build_model  # noqa: E402
-from fedpeft.server.strategies import make_strategy  # noqa: E402
+from benchmarks.secagg_primitives import run_round
+from fedpeft.broadcast import encode, initial_values, is_derivable
+from fedpeft.config import StrategyConfig, compose_config
+from fedpeft.model import AdapterLayout, adapter_parameters, build_model
+from fedpeft.server.strategies import make_strategy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "communication.json"
 FLOWERTUNE_FRACTION = 0.0019

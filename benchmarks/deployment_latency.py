@@ -25,9 +25,9 @@ message pays one of them.
 
 Usage::
 
-    python benchmarks/deployment_latency.py              # 3 rounds, plain and secure, all engines
-    python benchmarks/deployment_latency.py --rounds 2 --modes plain
-    python benchmarks/deployment_latency.py --quick      # 2 rounds, plain, worker vs simulation
+    python -m benchmarks.deployment_latency              # 3 rounds, plain and secure, all engines
+    python -m benchmarks.deployment_latency --rounds 2 --modes plain
+    python -m benchmarks.deployment_latency --quick      # 2 rounds, plain, worker vs simulation
 
 Writes ``benchmarks/results/deployment_latency.json``.
 """
@@ -47,11 +47,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fedpeft.testing import offline_env, write_classification_csv
+from tests.deploy.harness import LoopbackDeployment
 
-from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
-from tests.deploy.harness import LoopbackDeployment  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SITES = ("site-1", "site-2", "site-3")
 ROWS_PER_SITE = 64

@@ -29,9 +29,9 @@ How it is measured, so a busy 2-core machine does not decide the result:
 
 Usage::
 
-    python benchmarks/dp_throughput.py                 # MiniLM, LoRA r=8, batch 32, 5 repeats
-    python benchmarks/dp_throughput.py --rng-only      # only the CSPRNG comparison
-    python benchmarks/dp_throughput.py --quick         # tiny in-process BERT (smoke test)
+    python -m benchmarks.dp_throughput                 # MiniLM, LoRA r=8, batch 32, 5 repeats
+    python -m benchmarks.dp_throughput --rng-only      # only the CSPRNG comparison
+    python -m benchmarks.dp_throughput --quick         # tiny in-process BERT (smoke test)
 
 Writes ``benchmarks/results/dp_throughput.json``; ``--rng-only`` replaces only its
 ``rng_cost`` entry.

@@ -19,9 +19,9 @@ site per category group):
 
 Usage::
 
-    python benchmarks/instruct.py                  # both parts: 3 repeats, 3 seeds
-    python benchmarks/instruct.py --part throughput --repeats 5
-    python benchmarks/instruct.py --quick          # tiny in-process Llama (smoke test)
+    python -m benchmarks.instruct                  # both parts: 3 repeats, 3 seeds
+    python -m benchmarks.instruct --part throughput --repeats 5
+    python -m benchmarks.instruct --quick          # tiny in-process Llama (smoke test)
 
 Writes ``benchmarks/results/instruct.json`` (a part run alone keeps the other's figures).
 """
@@ -43,17 +43,15 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fedpeft import constants as K  # noqa: E402
-from fedpeft.client.site import Site, load_site  # noqa: E402
-from fedpeft.client.train import DPSettings, evaluate_local, train_local  # noqa: E402
-from fedpeft.config import FedPeftConfig, compose_config  # noqa: E402
-from fedpeft.console import Console  # noqa: E402
-from fedpeft.data import TokenizedDataset  # noqa: E402
-from fedpeft.model import get_flat  # noqa: E402
-from fedpeft.server.rundir import RunDir  # noqa: E402
-from fedpeft.server.strategies import make_strategy  # noqa: E402
+from fedpeft import constants as K
+from fedpeft.client.site import Site, load_site
+from fedpeft.client.train import DPSettings, evaluate_local, train_local
+from fedpeft.config import FedPeftConfig, compose_config
+from fedpeft.console import Console
+from fedpeft.data import TokenizedDataset
+from fedpeft.model import get_flat
+from fedpeft.server.rundir import RunDir
+from fedpeft.server.strategies import make_strategy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "instruct.json"
 VARIANTS = ("dp_federation", "nonprivate_federation", "centralised")

@@ -30,11 +30,11 @@ does).
 
 Usage::
 
-    python benchmarks/quality.py            # embedded MiniLM + Rotten Tomatoes, 10 sites (~50 min
+    python -m benchmarks.quality            # embedded MiniLM + Rotten Tomatoes, 10 sites (~50 min
                                             # on 2 cores: 23 runs of 3 rounds x 3 steps of 64)
-    python benchmarks/quality.py --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
-    python benchmarks/quality.py --strategies ffa --epsilons 8 --set privacy.max_grad_norm=3
-    python benchmarks/quality.py --seeds 3  # every configuration with 3 paired training seeds
+    python -m benchmarks.quality --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
+    python -m benchmarks.quality --strategies ffa --epsilons 8 --set privacy.max_grad_norm=3
+    python -m benchmarks.quality --seeds 3  # every configuration with 3 paired training seeds
 
 Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
 with the ceiling and the floor; ``--name`` changes the stem), prints a table, and one line per

@@ -13,8 +13,8 @@ flat in ``N``.
 
 Usage::
 
-    python benchmarks/scale.py            # N in {100, 300, 1000}, 4 rounds, 20,000 rows
-    python benchmarks/scale.py --quick    # N in {10, 30}, 2 rounds, 600 rows
+    python -m benchmarks.scale            # N in {100, 300, 1000}, 4 rounds, 20,000 rows
+    python -m benchmarks.scale --quick    # N in {10, 30}, 2 rounds, 600 rows
 
 Writes ``benchmarks/results/scale.json``.
 """
@@ -36,8 +36,7 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
+from fedpeft.testing import offline_env, write_classification_csv
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scale.json"
 SAMPLED = 10

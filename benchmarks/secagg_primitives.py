@@ -15,8 +15,8 @@ their mask keys and remove their pairwise masks), and records:
 
 Usage::
 
-    python benchmarks/secagg_primitives.py            # n in {5, 20, 100}, L in {75_000, 1_000_000}
-    python benchmarks/secagg_primitives.py --quick    # n = 5, L = 75_000 only
+    python -m benchmarks.secagg_primitives            # n in {5, 20, 100}, L in {75_000, 1_000_000}
+    python -m benchmarks.secagg_primitives --quick    # n = 5, L = 75_000 only
 
 Results are printed and written as JSON to ``benchmarks/results/secagg_primitives.json``.
 """

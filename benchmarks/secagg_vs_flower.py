@@ -35,8 +35,8 @@ DP hooks, scaled to 10 steps of batch 32) when present, else one round is measur
 
 Usage::
 
-    python benchmarks/secagg_vs_flower.py            # n in {5, 20, 100}, L in {75k, 1M}; sims
-    python benchmarks/secagg_vs_flower.py --quick    # n = 5, L = 10k, 3-site 2-round sims
+    python -m benchmarks.secagg_vs_flower            # n in {5, 20, 100}, L in {75k, 1M}; sims
+    python -m benchmarks.secagg_vs_flower --quick    # n = 5, L = 10k, 3-site 2-round sims
 
 Writes ``benchmarks/results/secagg_vs_flower.json``.
 """
@@ -59,16 +59,14 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from secagg_primitives import payload_bytes  # noqa: E402
-
-from fedpeft.privacy.secagg import (  # noqa: E402
+from benchmarks.secagg_primitives import payload_bytes
+from fedpeft.privacy.secagg import (
     SecAggClient,
     SecAggServer,
     default_num_neighbours,
     default_threshold,
 )
-from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
+from fedpeft.testing import offline_env, write_classification_csv
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "secagg_vs_flower.json"
@@ -494,7 +492,8 @@ def run_flower_sim(out: Path, *, secure: bool, sites: int, rounds: int, length: 
     """Seconds of rounds 2..R of Flower's legacy (SecAgg+) workflow in a fresh process."""
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "benchmarks.secagg_vs_flower",
         "--flower-sim-child",
         json.dumps(
             {
@@ -506,7 +505,9 @@ def run_flower_sim(out: Path, *, secure: bool, sites: int, rounds: int, length: 
             }
         ),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(), timeout=900)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=offline_env(), timeout=900, cwd=HERE.parent
+    )
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"Flower simulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     starts = json.loads(out.read_text())["round_starts"]
