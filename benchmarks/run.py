@@ -18,7 +18,8 @@ Usage (from the repository root)::
     python -m benchmarks.run --report-only    # README and plots from the JSON already there
 
 Writes ``<results>/<name>.json`` per benchmark, ``<results>/run.json`` (wall times),
-``<results>/*.png`` and ``benchmarks/README.md``.
+``<results>/*.png`` and ``benchmarks/README.md`` (assembled by :mod:`benchmarks.report`;
+:func:`last_run` renders ``run.json`` as the page's line on the last run).
 """
 
 from __future__ import annotations
@@ -171,6 +172,16 @@ def run_all(mode: str, only: list[str] | None, results: Path, logs: Path) -> dic
     return summary
 
 
+def last_run(summary: dict[str, Any]) -> list[str]:
+    """The README's line on the last run: its set, wall time and each benchmark's minutes."""
+    took = ", ".join(f"{n} {b['seconds'] / 60:.1f} min" for n, b in summary["benchmarks"].items())
+    return [
+        f"Last run: `{summary['mode']}` set, {summary['total_seconds'] / 60:.1f} min on "
+        f"{summary['cpu_count']} cores ({summary['when']}): {took}.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -183,8 +194,6 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, help="keep each script's log here (default: temp)")
     args = parser.parse_args()
 
-    from benchmarks.report import write_report
-
     failed = []
     if not args.report_only:
         mode_name = "full" if args.full else "quick" if args.quick else "default"
@@ -192,6 +201,10 @@ def main() -> None:
             logs = args.logs or Path(tmp)
             summary = run_all(mode_name, args.only, args.results, logs)
         failed = [n for n, b in summary["benchmarks"].items() if b["exit"] != 0]
+    # Imported once the benchmarks have run: the report imports every benchmark module (torch,
+    # Flower), which this process need not hold while they run in theirs.
+    from benchmarks.report import write_report
+
     written = write_report(args.results, args.readme)
     print(f"wrote {args.readme} and {len(written)} plot(s) in {args.results}")
     if failed:

@@ -17,7 +17,7 @@ import pytest
 from peft.tuners.lora import LoraLayer
 
 from benchmarks import quality
-from benchmarks.report import section_quality, write_report
+from benchmarks.report import write_report
 from fedpeft.config import LoraSettings, ModelConfig
 from fedpeft.model import build_model, get_flat, set_flat, split_flat
 
@@ -147,7 +147,7 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
     assert len(progress) == len(runs) and progress[-1].startswith("[20/20]")
     assert "ceiling" in proc.stdout and "floor" in proc.stdout  # the closing table
     assert "linear probe: accuracy" in proc.stdout and "paired by seed" in proc.stdout
-    section = "\n".join(section_quality(report, tmp_path, tmp_path / "README.md"))
+    section = "\n".join(quality.section(report, tmp_path, tmp_path / "README.md"))
     assert f"| probe (head on frozen encoder) | {probe['accuracy']:.3f} |" in section
     for strategy, by_epsilon in report["vs_fedavg"].items():  # the paired table, ε=8 column
         wins = sum(d > 0 for d in by_epsilon["8"])
