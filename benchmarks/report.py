@@ -32,7 +32,7 @@ INTRO = """\
 
 Measured comparisons for fedpeft, each a script in this folder that writes a JSON file (and
 sometimes a plot) to `results/`. `make bench` runs the default set and regenerates this page
-(`python benchmarks/run.py`; `--full` for the long versions plus the quality sweep, `--quick`
+(`python -m benchmarks.run`; `--full` for the long versions plus the quality sweep, `--quick`
 for smoke settings, `--report-only` to rebuild this page from the JSON already there).
 Variants that are compared run side by side in one process or interleaved, so a busy machine
 slows them alike; the ratios are the figures to read, the absolute times depend on the machine.
