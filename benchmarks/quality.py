@@ -623,7 +623,7 @@ def section(
             f"{s['rounds']} rounds × {s['local_steps']} steps; pooled held-out accuracy."
         )
         out.append("")
-        columns = [f"{e:g}" for e in s["epsilons"]] + ["no_dp"]
+        columns = [f"{e:g}" for e in s["epsilons"]] + [NO_DP]
 
         def rows(by_strategy: dict[str, dict[str, float]], fmt: str) -> list[list[str]]:
             return [
@@ -634,7 +634,7 @@ def section(
         def single(label: str, value: float, fmt: str) -> list[str]:
             return [label, format(value, fmt), *[""] * (len(columns) - 1)]
 
-        header = ["strategy", *[f"ε={c}" if c != "no_dp" else "no DP" for c in columns]]
+        header = ["strategy", *[f"ε={c}" if c != NO_DP else "no DP" for c in columns]]
         table = rows(report["accuracy"], ".3f")
         table.append(single("ceiling (centralised)", report["ceiling"], ".3f"))
         table.append(single("floor (site alone)", report["floor"], ".3f"))
