@@ -50,9 +50,9 @@ test-fast: setup
 	$(BIN)/pytest -m "not slow"
 
 # The default benchmark set (under 20 minutes on 2 cores); regenerates benchmarks/README.md.
-# `$(BIN)/python benchmarks/run.py --full` runs the long versions and the quality sweep.
+# `$(BIN)/python -m benchmarks.run --full` runs the long versions and the quality sweep.
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

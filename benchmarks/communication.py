@@ -29,30 +29,30 @@ FlowerTune's LLM baselines report ≈ 0.19 % of the full model per round for com
 
 Usage::
 
-    python benchmarks/communication.py            # secure rounds of n = 10 and 100 sites
-    python benchmarks/communication.py --quick    # n = 5 only
+    python -m benchmarks.communication            # secure rounds of n = 10 and 100 sites
+    python -m benchmarks.communication --quick    # n = 5 only
 
-Writes ``benchmarks/results/communication.json``.
+Writes ``benchmarks/results/communication.json``; :func:`section` renders it as this
+benchmark's part of ``benchmarks/README.md``, :func:`headline_rows` as its rows of the
+headline table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from secagg_primitives import run_round  # noqa: E402
-
-from fedpeft.broadcast import encode, initial_values, is_derivable  # noqa: E402
-from fedpeft.config import StrategyConfig, compose_config  # noqa: E402
-from fedpeft.model import AdapterLayout, adapter_parameters, build_model  # noqa: E402
-from fedpeft.server.strategies import make_strategy  # noqa: E402
+from benchmarks import markdown as md
+from benchmarks.secagg_primitives import run_round
+from fedpeft.broadcast import encode, initial_values, is_derivable
+from fedpeft.config import StrategyConfig, compose_config
+from fedpeft.model import AdapterLayout, adapter_parameters, build_model
+from fedpeft.server.strategies import make_strategy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "communication.json"
 FLOWERTUNE_FRACTION = 0.0019
@@ -201,6 +201,88 @@ def rows_for(
                 f"{model:13s} {name:6s} {tag} up {up / 1e3:9.1f} kB ({100 * up / full:.3f}%)  "
                 f"down {down / 1e3:9.1f} kB ({100 * down / full:.3f}%)",
                 flush=True,
+            )
+    return rows
+
+
+# --- README section: its part of benchmarks/README.md (benchmarks.report assembles it) ---
+
+
+def section(report: dict[str, Any]) -> list[str]:
+    """Bytes up and down per model, strategy and aggregation, as a share of the full model."""
+    out = ["## Communication per site per round (`communication.py`)", ""]
+    models = report["models"]
+    for name, info in models.items():
+        out.append(
+            f"- **{name}**: {info['description']}; {info['base_parameters']:,} base parameters "
+            f"({md.size(4 * info['base_parameters'])} fp32), adapter "
+            f"{info['adapter_floats']:,} floats."
+        )
+    out += [
+        "",
+        "Down: the global adapter in the train and the evaluate instruction, as it goes on the "
+        "wire once a round has moved the trained tensors (float32 tensors that differ from the "
+        "shared start: for `ffa` LoRA B and the head, for `fedavg` everything); up: the trained "
+        "tensors' delta (or the uint32 masked vector). Secure rows "
+        "add the real SecAgg+ protocol payloads of a round of `n` sites. Percentages are of the "
+        "full model's fp32 bytes; FlowerTune reports ≈ "
+        f"{100 * report['flowertune_reference_fraction']:.2f}%.",
+        "",
+    ]
+    table = []
+    for r in report["rows"]:
+        table.append(
+            [
+                r["model"],
+                r["strategy"],
+                f"secure, n={r['sites']}" if r["secure"] else "plain",
+                f"{r['trained_floats']:,}",
+                f"{r.get('down_floats', r['adapter_floats']):,}",
+                f"{md.size(r['up_bytes'])} ({100 * r['up_fraction']:.3f}%)",
+                f"{md.size(r['down_bytes'])} ({100 * r['down_fraction']:.3f}%)",
+                f"+{md.size(r['secagg_extra_up_bytes'])} / +{md.size(r['secagg_extra_down_bytes'])}"
+                if r["secure"]
+                else "",
+            ]
+        )
+    out.append(
+        md.table(
+            [
+                "model",
+                "strategy",
+                "aggregation",
+                "floats up",
+                "floats down",
+                "up",
+                "down",
+                "SecAgg+ extra up / down",
+            ],
+            table,
+        )
+    )
+    return [*out, ""]
+
+
+def headline_rows(report: dict[str, Any]) -> list[list[str]]:
+    """This benchmark's rows of the README's headline table: plain uploads, two models."""
+    rows: list[list[str]] = []
+    for model, strategy in (("minilm", "fedavg"), ("smollm2_135m", "ffa")):
+        r = next(
+            (
+                x
+                for x in report["rows"]
+                if x["model"] == model and x["strategy"] == strategy and not x["secure"]
+            ),
+            None,
+        )
+        if r:
+            rows.append(
+                [
+                    f"upload per site per round, {model} {strategy} (% of full model)",
+                    f"{100 * r['up_fraction']:.3f}%",
+                    f"{100 * report['flowertune_reference_fraction']:.2f}% (FlowerTune)",
+                    f"down {100 * r['down_fraction']:.3f}%",
+                ]
             )
     return rows
 

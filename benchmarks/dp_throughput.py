@@ -29,12 +29,14 @@ How it is measured, so a busy 2-core machine does not decide the result:
 
 Usage::
 
-    python benchmarks/dp_throughput.py                 # MiniLM, LoRA r=8, batch 32, 5 repeats
-    python benchmarks/dp_throughput.py --rng-only      # only the CSPRNG comparison
-    python benchmarks/dp_throughput.py --quick         # tiny in-process BERT (smoke test)
+    python -m benchmarks.dp_throughput                 # MiniLM, LoRA r=8, batch 32, 5 repeats
+    python -m benchmarks.dp_throughput --rng-only      # only the CSPRNG comparison
+    python -m benchmarks.dp_throughput --quick         # tiny in-process BERT (smoke test)
 
 Writes ``benchmarks/results/dp_throughput.json``; ``--rng-only`` replaces only its
-``rng_cost`` entry.
+``rng_cost`` entry. :func:`section` renders the JSON (this layout, or the single table of
+older results) as this benchmark's part of ``benchmarks/README.md``, :func:`headline_rows`
+as its row of the headline table.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from opacus.optimizers import DPOptimizer
 
 import fedpeft.client.train as train_module
 import fedpeft.privacy.dp as dp_module
+from benchmarks import markdown as md
 from fedpeft.client.train import (
     DPSettings,
     make_loader,
@@ -450,6 +453,103 @@ def run(
             "when": report["when"],
         }
     return report
+
+
+# --- README section: its part of benchmarks/README.md (benchmarks.report assembles it) ---
+
+
+def section(report: dict[str, Any]) -> list[str]:
+    """Time per example per variant, the paired ratios and targets, the setup apart."""
+    out = ["## DP-SGD throughput (`dp_throughput.py`)", ""]
+    if "paired_ratios" not in report:  # a run of the older layout: its one table
+        return [*out, _legacy_table(report), ""]
+    out.append(
+        f"{report['model']}, adapter {report['adapter_floats']:,} floats, expected batch "
+        f"{report['expected_batch']:g}, {report['steps_per_round']} steps per round, σ = "
+        f"{report['noise_multiplier']:g}, C = {report['max_grad_norm']:g}, "
+        f"{report['torch_threads']} torch threads in every round; {report['repeats']} repeats "
+        "in rotating order after one warm-up round each. Time per example processed (Poisson "
+        "batches vary), median (min–max); ratios are paired within a repeat."
+    )
+    out.append("")
+    ms = report["ms_per_example"]
+    rows = [
+        [
+            name,
+            f"{ms[name]['median']:.1f} ({ms[name]['min']:.1f}–{ms[name]['max']:.1f})",
+            f"{statistics.median(report['setup_seconds'][name]) * 1e3:.1f}",
+            f"{report['slowdown_vs_plain'][name]:.3f}×",
+        ]
+        for name in report["variants"]
+    ]
+    out += [
+        md.table(["variant", "ms / example", "setup ms / round", "÷ plain (paired)"], rows),
+        "",
+    ]
+    labels = {
+        "dp_hooks_over_plain": "fedpeft DP (hooks) ÷ plain",
+        "dp_hooks_over_opacus": "fedpeft DP (hooks) ÷ bare Opacus",
+        "opacus_hooks_over_plain": "bare Opacus ÷ plain",
+        "dp_ghost_over_plain": "fedpeft DP (ghost) ÷ plain",
+        "dp_ghost_over_opacus": "fedpeft DP (ghost) ÷ bare Opacus",
+    }
+    ratio_rows = []
+    for key, label in labels.items():
+        figure = report["paired_ratios"].get(key)
+        if figure is None:
+            continue
+        r, st = figure["round"], figure["steps_only"]
+        target = report["targets"].get(key)
+        ratio_rows.append(
+            [
+                label,
+                f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})",
+                f"{st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f})",
+                f"≤ {target['at_most']}: {md.verdict(target['met'])}" if target else "",
+            ]
+        )
+    out += [md.table(["ratio", "whole round", "steps only", "target"], ratio_rows), ""]
+    plain = ms.get("plain")
+    if plain:
+        out += [
+            "A range that reaches below 1 is a repeat in which the other round met a slower "
+            f"moment of the machine (plain alone took {plain['min']:.1f}–{plain['max']:.1f} ms "
+            "per example over the run); no variant is faster than plain in the median.",
+            "",
+        ]
+    site = report["site_setup_seconds"]
+    out += [
+        "Set up apart, once per round at a site before it trains: σ calibration for ε = 8 "
+        f"(PRV) {site['calibration']['median'] * 1e3:.0f} ms, one ledger charge "
+        f"{site['ledger_charge']['median'] * 1e3:.1f} ms (medians).",
+        "",
+    ]
+    return out
+
+
+def _legacy_table(report: dict[str, Any]) -> str:
+    """The one table of results written before the paired layout (no ``paired_ratios``)."""
+    table = [
+        [name, f"{rate:.1f}", f"{report['slowdown_vs_plain'][name]:.2f}×"]
+        for name, rate in report["samples_per_second"].items()
+    ]
+    return md.table(["variant", "samples / s", "time ÷ plain"], table)
+
+
+def headline_rows(report: dict[str, Any]) -> list[list[str]]:
+    """This benchmark's row of the README's headline table."""
+    opacus = report.get("paired_ratios", {}).get("dp_hooks_over_opacus")
+    return [
+        [
+            f"DP-SGD (hooks) time ÷ plain, {report['model']}",
+            f"{report['slowdown_vs_plain'].get('dp_hooks', float('nan')):.2f}×",
+            f"bare Opacus {report['slowdown_vs_plain']['opacus_hooks']:.2f}×"
+            if "opacus_hooks" in report["slowdown_vs_plain"]
+            else "",
+            (f"hooks ÷ bare Opacus {opacus['round']['median']:.2f}×; " if opacus else "")
+            + f"ghost {report['slowdown_vs_plain'].get('dp_ghost', float('nan')):.2f}× plain",
+        ]
+    ]
 
 
 def main() -> None:

@@ -19,11 +19,12 @@ site per category group):
 
 Usage::
 
-    python benchmarks/instruct.py                  # both parts: 3 repeats, 3 seeds
-    python benchmarks/instruct.py --part throughput --repeats 5
-    python benchmarks/instruct.py --quick          # tiny in-process Llama (smoke test)
+    python -m benchmarks.instruct                  # both parts: 3 repeats, 3 seeds
+    python -m benchmarks.instruct --part throughput --repeats 5
+    python -m benchmarks.instruct --quick          # tiny in-process Llama (smoke test)
 
-Writes ``benchmarks/results/instruct.json`` (a part run alone keeps the other's figures).
+Writes ``benchmarks/results/instruct.json`` (a part run alone keeps the other's figures);
+:func:`section` renders it as this benchmark's part of ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -43,17 +44,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fedpeft import constants as K  # noqa: E402
-from fedpeft.client.site import Site, load_site  # noqa: E402
-from fedpeft.client.train import DPSettings, evaluate_local, train_local  # noqa: E402
-from fedpeft.config import FedPeftConfig, compose_config  # noqa: E402
-from fedpeft.console import Console  # noqa: E402
-from fedpeft.data import TokenizedDataset  # noqa: E402
-from fedpeft.model import get_flat  # noqa: E402
-from fedpeft.server.rundir import RunDir  # noqa: E402
-from fedpeft.server.strategies import make_strategy  # noqa: E402
+from benchmarks import markdown as md
+from fedpeft import constants as K
+from fedpeft.client.site import Site, load_site
+from fedpeft.client.train import DPSettings, evaluate_local, train_local
+from fedpeft.config import FedPeftConfig, compose_config
+from fedpeft.console import Console
+from fedpeft.data import TokenizedDataset
+from fedpeft.model import get_flat
+from fedpeft.server.rundir import RunDir
+from fedpeft.server.strategies import make_strategy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "instruct.json"
 VARIANTS = ("dp_federation", "nonprivate_federation", "centralised")
@@ -235,6 +235,80 @@ def quality(config: FedPeftConfig, *, seeds: int, base: list[str]) -> dict[str, 
         "target": "DP perplexity within 10% of the non-private federation (ratio <= 1.10)",
         "met": statistics.mean(ratio) <= 1.10,
     }
+
+
+# --- README section: its part of benchmarks/README.md (benchmarks.report assembles it) ---
+
+
+def section(report: dict[str, Any]) -> list[str]:
+    """Tokens per second DP vs non-DP, then held-out perplexity per variant and seed."""
+    out = ["## Instruction tuning SmolLM2-135M-Instruct (`instruct.py`)", ""]
+    t = report.get("throughput")
+    if t:
+        tps = t["tokens_per_second"]
+        ratio = t["dp_over_plain"]
+        out += [
+            f"Tokens per second of one site's local round ({t['site']}, "
+            f"{t['site_train_examples']} training conversations, {t['steps']} steps, batch "
+            f"{t['batch_size']}; DP: Poisson q = {t['sample_rate']}, expected batch "
+            f"{t['expected_dp_batch']:.1f}, {t['clipping']} clipping), {t['repeats']} "
+            "interleaved repeats: median (min–max).",
+            "",
+            md.table(
+                ["variant", "tokens / s", "round seconds"],
+                [
+                    [
+                        name,
+                        f"{v['median']:.1f} ({v['min']:.1f}–{v['max']:.1f})",
+                        f"{sec['median']:.1f} ({sec['min']:.1f}–{sec['max']:.1f})",
+                    ]
+                    for name, v, sec in (
+                        ("non-DP", tps["plain"], t["round_seconds"]["plain"]),
+                        ("DP-SGD", tps["dp"], t["round_seconds"]["dp"]),
+                    )
+                ],
+            ),
+            "",
+            "Tokens are those the round read: a DP round's Poisson batches vary in size (and "
+            "their conversations in length), so it may read more tokens than the plain round's "
+            "fixed batches in a longer round; tokens / s compares the work per second.",
+            "",
+            f"DP ÷ non-DP: {ratio['median']:.3f} ({ratio['min']:.3f}–{ratio['max']:.3f}); "
+            f"target ≥ 0.85: {md.verdict(t['met'])}.",
+            "",
+        ]
+    q = report.get("quality")
+    if q:
+        names = {
+            "untrained": "untrained base",
+            "centralised": "centralised, no DP",
+            "nonprivate_federation": "federation, no DP",
+            "dp_federation": f"federation, DP ε = {q['epsilon']:g} + SecAgg+",
+        }
+        rows = [
+            [label, f"{q['perplexity'][key]['median']:.3f}", _per_seed(q, key)]
+            for key, label in names.items()
+        ]
+        r = q["dp_over_nonprivate"]
+        out += [
+            f"Held-out perplexity (response tokens, the union of the {q['sites']} sites' own "
+            f"held-out splits) after {q['rounds']} rounds × {q['local_steps']} local steps "
+            f"(centralised: the same number of steps on the union of the training splits), "
+            f"{q['seeds']} seeds.",
+            "",
+            md.table(["variant", "median", "per seed"], rows),
+            "",
+            f"DP ÷ non-private federation: median {r['median']:.3f} ({r['min']:.3f}–"
+            f"{r['max']:.3f}); target ≤ 1.10 (mean): {md.verdict(q['met'])}.",
+            "",
+        ]
+    return out
+
+
+def _per_seed(q: dict[str, Any], key: str) -> str:
+    if key == "untrained":
+        return ", ".join(f"{r['base_perplexity']:.3f}" for r in q["per_seed"])
+    return ", ".join(f"{r[key]['perplexity']:.3f}" for r in q["per_seed"])
 
 
 def main() -> None:

@@ -30,15 +30,16 @@ does).
 
 Usage::
 
-    python benchmarks/quality.py            # embedded MiniLM + Rotten Tomatoes, 10 sites (~50 min
+    python -m benchmarks.quality            # embedded MiniLM + Rotten Tomatoes, 10 sites (~50 min
                                             # on 2 cores: 23 runs of 3 rounds x 3 steps of 64)
-    python benchmarks/quality.py --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
-    python benchmarks/quality.py --strategies ffa --epsilons 8 --set privacy.max_grad_norm=3
-    python benchmarks/quality.py --seeds 3  # every configuration with 3 paired training seeds
+    python -m benchmarks.quality --quick    # tiny in-process BERT, 3 sites, 2 rounds, one ε
+    python -m benchmarks.quality --strategies ffa --epsilons 8 --set privacy.max_grad_norm=3
+    python -m benchmarks.quality --seeds 3  # every configuration with 3 paired training seeds
 
 Writes ``benchmarks/results/quality.json`` and ``quality.png`` (accuracy vs ε per strategy,
 with the ceiling and the floor; ``--name`` changes the stem), prints a table, and one line per
-finished configuration.
+finished configuration. :func:`section` renders one such JSON as its part of
+``benchmarks/README.md`` (every sweep in the results folder has one).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import platform
 import re
 import tempfile
@@ -61,6 +63,7 @@ import datasets
 import numpy as np
 import torch
 
+from benchmarks import markdown as md
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.client.train import EvalResult, evaluate_local, forward_losses, make_loader
@@ -596,6 +599,87 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- README section: its part of benchmarks/README.md (benchmarks.report assembles it) ---
+
+
+def section(
+    report: dict[str, Any], results: Path, readme: Path, stem: str = "quality"
+) -> list[str]:
+    """One quality sweep (``results/<stem>.json``): accuracy, LoRA's part, paired differences."""
+    title = "## Quality (`quality.py`)"
+    if stem != "quality":
+        setting = report.get("setting", {})
+        title = (
+            f"## Quality, {setting.get('rounds', '?')} rounds × {setting.get('local_steps', '?')} "
+            f"steps (`quality.py --name {stem}`)"
+        )
+    out = [title, ""]
+    try:
+        s = report["setting"]
+        out.append(
+            f"{s['model']} on {s['dataset']}, {s['sites']} sites (Dirichlet α={s['alpha']}), "
+            f"{s['rounds']} rounds × {s['local_steps']} steps; pooled held-out accuracy."
+        )
+        out.append("")
+        columns = [f"{e:g}" for e in s["epsilons"]] + [NO_DP]
+
+        def rows(by_strategy: dict[str, dict[str, float]], fmt: str) -> list[list[str]]:
+            return [
+                [name, *[format(by.get(c, float("nan")), fmt) for c in columns]]
+                for name, by in by_strategy.items()
+            ]
+
+        def single(label: str, value: float, fmt: str) -> list[str]:
+            return [label, format(value, fmt), *[""] * (len(columns) - 1)]
+
+        header = ["strategy", *[f"ε={c}" if c != NO_DP else "no DP" for c in columns]]
+        table = rows(report["accuracy"], ".3f")
+        table.append(single("ceiling (centralised)", report["ceiling"], ".3f"))
+        table.append(single("floor (site alone)", report["floor"], ".3f"))
+        if "probe" in report:  # results written before the probe existed lack it
+            table.append(
+                single("probe (head on frozen encoder)", report["probe"]["accuracy"], ".3f")
+            )
+        out.append(md.table(header, table))
+        if "lora_gain" in report:  # results written before this column existed lack it
+            out += [
+                "",
+                "What the LoRA update adds: accuracy minus the same run with ΔW = B·A = 0 "
+                "(trained head kept). Near zero, the rows above compare head training, "
+                "not LoRA aggregation.",
+                "",
+            ]
+            gains = rows(report["lora_gain"], "+.3f")
+            gains.append(single("ceiling", report["ceiling_lora_gain"], "+.3f"))
+            out.append(md.table(header, gains))
+        seeds = report.get("seeds", [])
+        if len(seeds) > 1 and report.get("vs_fedavg"):
+            out += [
+                "",
+                f"Figures above are means over {len(seeds)} training seeds. Accuracy minus "
+                "fedavg's, paired by seed (the same sites' batches and noise seeds), with the "
+                "seeds won:",
+                "",
+            ]
+            versus = [
+                [
+                    name,
+                    *[
+                        f"{sum(by[c]) / len(by[c]):+.3f} ({sum(d > 0 for d in by[c])}/{len(by[c])})"
+                        for c in columns
+                    ],
+                ]
+                for name, by in report["vs_fedavg"].items()
+            ]
+            out.append(md.table(header, versus))
+    except (KeyError, TypeError, ValueError):
+        out.append("See `results/quality.json`.")
+    png = results / f"{stem}.png"
+    if png.is_file():
+        out += ["", f"![{stem}]({os.path.relpath(png, readme.parent)})"]
+    return [*out, ""]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

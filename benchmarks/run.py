@@ -5,19 +5,21 @@
 simulation per variant), ``communication`` and ``scale``. ``--full`` runs the long versions
 and adds ``secagg_primitives``, the quality sweep (``quality.py``, its full defaults) and
 ``deployment_latency`` (a real loopback deployment against the same simulated federation).
-``--quick`` runs every script on its tiny smoke setting. Each script runs in its own process;
-the display shows which one is running, for how long, and its latest output line.
+``--quick`` runs every benchmark on its tiny smoke setting. Each benchmark runs in its own
+process (``python -m benchmarks.<name>`` from the repository root); the display shows which one
+is running, for how long, and its latest output line.
 
-Usage::
+Usage (from the repository root)::
 
-    python benchmarks/run.py                  # default set, results in benchmarks/results/
-    python benchmarks/run.py --full           # long versions + primitives, quality, deployment
-    python benchmarks/run.py --quick          # smoke settings
-    python benchmarks/run.py --only scale     # some benchmarks only
-    python benchmarks/run.py --report-only    # README and plots from the JSON already there
+    python -m benchmarks.run                  # default set, results in benchmarks/results/
+    python -m benchmarks.run --full           # long versions + primitives, quality, deployment
+    python -m benchmarks.run --quick          # smoke settings
+    python -m benchmarks.run --only scale     # some benchmarks only
+    python -m benchmarks.run --report-only    # README and plots from the JSON already there
 
 Writes ``<results>/<name>.json`` per benchmark, ``<results>/run.json`` (wall times),
-``<results>/*.png`` and ``benchmarks/README.md``.
+``<results>/*.png`` and ``benchmarks/README.md`` (assembled by :mod:`benchmarks.report`;
+:func:`last_run` renders ``run.json`` as the page's line on the last run).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # each benchmark runs here, so that ``benchmarks`` and ``fedpeft`` import
 DEFAULT_RESULTS = HERE / "results"
 DEFAULT_README = HERE / "README.md"
 
@@ -50,6 +53,10 @@ class Bench:
     @property
     def script(self) -> Path:
         return HERE / f"{self.name}.py"
+
+    @property
+    def module(self) -> str:
+        return f"benchmarks.{self.name}"
 
 
 BENCHMARKS = [
@@ -85,14 +92,14 @@ def _last_line(path: Path) -> str:
 
 
 def run_one(bench: Bench, args: list[str], log: Path, label: str) -> tuple[int, float]:
-    """Run one script, showing elapsed time and its latest line; returns (rc, seconds)."""
-    cmd = [sys.executable, str(bench.script), *args]
+    """Run one benchmark, showing elapsed time and its latest line; returns (rc, seconds)."""
+    cmd = [sys.executable, "-m", bench.module, *args]
     tty = sys.stdout.isatty()
     print(f"{label} {bench.name}: {' '.join(args) or '(defaults)'}", flush=True)
     start = time.perf_counter()
     last_print = start
     with log.open("wb") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=HERE.parent)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
         while proc.poll() is None:
             time.sleep(1.0)
             now = time.perf_counter()
@@ -165,6 +172,16 @@ def run_all(mode: str, only: list[str] | None, results: Path, logs: Path) -> dic
     return summary
 
 
+def last_run(summary: dict[str, Any]) -> list[str]:
+    """The README's line on the last run: its set, wall time and each benchmark's minutes."""
+    took = ", ".join(f"{n} {b['seconds'] / 60:.1f} min" for n, b in summary["benchmarks"].items())
+    return [
+        f"Last run: `{summary['mode']}` set, {summary['total_seconds'] / 60:.1f} min on "
+        f"{summary['cpu_count']} cores ({summary['when']}): {took}.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -177,8 +194,6 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, help="keep each script's log here (default: temp)")
     args = parser.parse_args()
 
-    from report import write_report
-
     failed = []
     if not args.report_only:
         mode_name = "full" if args.full else "quick" if args.quick else "default"
@@ -186,6 +201,10 @@ def main() -> None:
             logs = args.logs or Path(tmp)
             summary = run_all(mode_name, args.only, args.results, logs)
         failed = [n for n, b in summary["benchmarks"].items() if b["exit"] != 0]
+    # Imported once the benchmarks have run: the report imports every benchmark module (torch,
+    # Flower), which this process need not hold while they run in theirs.
+    from benchmarks.report import write_report
+
     written = write_report(args.results, args.readme)
     print(f"wrote {args.readme} and {len(written)} plot(s) in {args.results}")
     if failed:
@@ -194,5 +213,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     main()

@@ -15,10 +15,11 @@ their mask keys and remove their pairwise masks), and records:
 
 Usage::
 
-    python benchmarks/secagg_primitives.py            # n in {5, 20, 100}, L in {75_000, 1_000_000}
-    python benchmarks/secagg_primitives.py --quick    # n = 5, L = 75_000 only
+    python -m benchmarks.secagg_primitives            # n in {5, 20, 100}, L in {75_000, 1_000_000}
+    python -m benchmarks.secagg_primitives --quick    # n = 5, L = 75_000 only
 
-Results are printed and written as JSON to ``benchmarks/results/secagg_primitives.json``.
+Results are printed and written as JSON to ``benchmarks/results/secagg_primitives.json``;
+:func:`section` renders them as this benchmark's part of ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import cryptography
 import numpy as np
 
+from benchmarks import markdown as md
 from fedpeft.privacy.quantize import QuantizationParams
 from fedpeft.privacy.secagg import SecAggClient, SecAggServer
 
@@ -126,6 +128,27 @@ def run_round(num_sites: int, length: int, *, num_dropped: int) -> dict[str, Any
         "max_abs_error": float(np.max(np.abs(result.total - plain))),
         "error_bound": len(result.included) / server.quantization.scale,
     }
+
+
+# --- README section: its part of benchmarks/README.md (benchmarks.report assembles it) ---
+
+
+def section(report: dict[str, Any]) -> list[str]:
+    """Client masking, server unmasking and upload per n, L and drop-outs."""
+    out = ["## fedpeft SecAgg+ with drop-outs (`secagg_primitives.py`)", ""]
+    table = [
+        [
+            str(r["sites"]),
+            f"{r['vector_length']:,}",
+            str(r["dropped_after_share_keys"]),
+            md.ms(r["client_masking_s_mean"]),
+            md.ms(r["server_unmasking_s"]),
+            f"{r['upload_bytes_per_site'] / r['plain_float32_update_bytes']:.3f}×",
+        ]
+        for r in report["results"]
+    ]
+    header = ["n", "L", "dropped", "client masking", "server unmasking", "upload ÷ plain"]
+    return [*out, md.table(header, table), ""]
 
 
 def main() -> None:

@@ -35,10 +35,13 @@ DP hooks, scaled to 10 steps of batch 32) when present, else one round is measur
 
 Usage::
 
-    python benchmarks/secagg_vs_flower.py            # n in {5, 20, 100}, L in {75k, 1M}; sims
-    python benchmarks/secagg_vs_flower.py --quick    # n = 5, L = 10k, 3-site 2-round sims
+    python -m benchmarks.secagg_vs_flower            # n in {5, 20, 100}, L in {75k, 1M}; sims
+    python -m benchmarks.secagg_vs_flower --quick    # n = 5, L = 10k, 3-site 2-round sims
 
-Writes ``benchmarks/results/secagg_vs_flower.json``.
+Writes ``benchmarks/results/secagg_vs_flower.json``; :func:`plots` draws
+``secagg_vs_flower.png`` from it (cost against n, when there is more than one n),
+:func:`section` renders it as this benchmark's part of ``benchmarks/README.md`` (with the targets)
+and :func:`headline_rows` as its rows of the headline table.
 """
 
 from __future__ import annotations
@@ -59,16 +62,15 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from secagg_primitives import payload_bytes  # noqa: E402
-
-from fedpeft.privacy.secagg import (  # noqa: E402
+from benchmarks import markdown as md
+from benchmarks.secagg_primitives import payload_bytes
+from fedpeft.privacy.secagg import (
     SecAggClient,
     SecAggServer,
     default_num_neighbours,
     default_threshold,
 )
-from fedpeft.testing import offline_env, write_classification_csv  # noqa: E402
+from fedpeft.testing import offline_env, write_classification_csv
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "secagg_vs_flower.json"
@@ -494,7 +496,8 @@ def run_flower_sim(out: Path, *, secure: bool, sites: int, rounds: int, length: 
     """Seconds of rounds 2..R of Flower's legacy (SecAgg+) workflow in a fresh process."""
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "benchmarks.secagg_vs_flower",
         "--flower-sim-child",
         json.dumps(
             {
@@ -506,7 +509,9 @@ def run_flower_sim(out: Path, *, secure: bool, sites: int, rounds: int, length: 
             }
         ),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(), timeout=900)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=offline_env(), timeout=900, cwd=HERE.parent
+    )
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"Flower simulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     starts = json.loads(out.read_text())["round_starts"]
@@ -718,6 +723,261 @@ def targets(rows: list[dict[str, Any]], sim: dict[str, Any], dp: dict[str, Any])
         "met": None if ratio is None else ratio <= 1.5,
     }
     return out
+
+
+# --- README section: its part of benchmarks/README.md (benchmarks.report assembles it) ---
+
+PLOT = "secagg_vs_flower.png"
+
+
+def _plotted(report: dict[str, Any]) -> bool:
+    """Cost against n is plotted only when the results hold more than one n."""
+    return len({r["sites"] for r in report["in_process"]}) > 1
+
+
+def plots(report: dict[str, Any], results: Path) -> list[Path]:
+    """Draw ``results/secagg_vs_flower.png`` (when there is more than one n); the plots drawn."""
+    if not _plotted(report):
+        return []
+    plot(report, results / PLOT)
+    return [results / PLOT]
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Client time and server unmasking time against n, one line per framework and L."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["in_process"]
+    sizes = sorted({r["vector_length"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [
+        ("client_total_s", "client time per site, all stages (s)"),
+        ("server_unmask_s", "server unmasking time (s)"),
+    ]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for size, colour in zip(sizes, ("tab:blue", "tab:orange", "tab:green"), strict=False):
+            sub = sorted((r for r in rows if r["vector_length"] == size), key=lambda r: r["sites"])
+            n = [r["sites"] for r in sub]
+            ax.plot(
+                n, [r["ours"][key] for r in sub], "-o", color=colour, label=f"fedpeft L={size:,}"
+            )
+            ax.plot(
+                n, [r["flower"][key] for r in sub], "--s", color=colour, label=f"Flower L={size:,}"
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(
+            sorted({r["sites"] for r in rows}), [str(s) for s in sorted({r["sites"] for r in rows})]
+        )
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("sites in the round (n)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        "SecAgg+ cost: fedpeft (solid) vs Flower 1.41 (dashed), same n, k, t, vectors", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(report: dict[str, Any], results: Path, readme: Path) -> list[str]:
+    """The comparison, the simulated rounds and the targets; the plot linked from ``readme``."""
+    img = os.path.relpath(results / PLOT, readme.parent) if _plotted(report) else None
+    return [*_comparison(report, img), *_targets(report)]
+
+
+def _comparison(report: dict[str, Any], img: str | None) -> list[str]:
+    rows = report["in_process"]
+    out = ["## Secure aggregation: fedpeft vs Flower's SecAgg+ (`secagg_vs_flower.py`)", ""]
+    out.append(
+        "One SecAgg+ round with every node in one process, no drop-outs, the same `n`, "
+        "neighbours `k`, threshold `t`, clipping range and float32 vectors for both; Flower "
+        f"{report.get('flwr', '')} is driven through its own client stage functions "
+        "(`secaggplus_mod`) and its workflow's server steps. Client time covers all four stages "
+        "per site; bytes are protocol payloads (no transport framing)."
+    )
+    out.append("")
+    table = []
+    for r in rows:
+        o, f = r["ours"], r["flower"]
+        table.append(
+            [
+                str(r["sites"]),
+                f"{r['vector_length']:,}",
+                f"{r['num_neighbours']}/{r['threshold']}",
+                md.ms(o["client_total_s"]),
+                md.ms(f["client_total_s"]),
+                f"{r['flower_over_ours']['client_total_s']:.1f}×",
+                md.ms(o["server_unmask_s"]),
+                md.ms(f["server_unmask_s"]),
+                f"{r['flower_over_ours']['server_unmask_s']:.1f}×",
+                f"{o['upload_vs_plain']:.3f}× / {f['upload_vs_plain']:.3f}×",
+                f"{o['masked_vector_dtype']} / {f['masked_vector_dtype']}",
+            ]
+        )
+    out.append(
+        md.table(
+            [
+                "n",
+                "L",
+                "k/t",
+                "client, fedpeft",
+                "client, Flower",
+                "Flower ÷ fedpeft",
+                "unmask, fedpeft",
+                "unmask, Flower",
+                "Flower ÷ fedpeft",
+                "upload ÷ plain fp32 (fedpeft / Flower)",
+                "masked dtype",
+            ],
+            table,
+        )
+    )
+    out.append("")
+    if img:
+        out += [f"![SecAgg+ cost vs n]({img})", ""]
+    sim = report.get("simulation", {})
+    med = sim.get("median_seconds_per_round", {})
+    if med:
+        out.append(
+            f"Whole rounds in Flower's simulation engine: {sim['sites']} sites, adapter "
+            f"{sim['adapter_floats']:,} floats (`{' '.join(sim['model_overrides'])}`), rounds "
+            f"{sim['timed_rounds']} timed from `metrics.jsonl` (train + evaluate exchanges), one "
+            "torch thread per site, each variant in its own process."
+        )
+        out.append("")
+        table = []
+        for name, label in (
+            ("ours_plain", "fedpeft, plain"),
+            ("ours_secure", "fedpeft, secagg.enabled=true"),
+            ("flower_plain", "Flower legacy FedAvg (no training)"),
+            ("flower_secure", "Flower legacy SecAgg+ workflow (no training)"),
+        ):
+            if name in med:
+                base = med.get(name.replace("secure", "plain"))
+                table.append(
+                    [
+                        label,
+                        f"{med[name]:.2f}",
+                        f"{med[name] / base:.2f}×" if base else "",
+                        f"{med[name] - base:+.2f} s" if base and name.endswith("secure") else "",
+                    ]
+                )
+        out.append(md.table(["variant", "s / round", "÷ plain", "added"], table))
+        out.append("")
+        if "flower_note" in sim:
+            out += [f"Flower's rows: {sim['flower_note']}.", ""]
+    for name, err in sim.get("errors", {}).items():
+        out += [f"`{name}` failed: `{err.splitlines()[0] if err else ''}`", ""]
+    return out
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
+    t = report["targets"]
+    b, c, f, s = (
+        t["bytes_per_site_vs_plain"],
+        t["client_cost_vs_dp_round"],
+        t["faster_than_flower"],
+        t["simulated_round_vs_plain"],
+    )
+    dp = report.get("dp_round", {})
+    rows = [
+        [
+            "bytes per site ≤ 1.0× plain fp32 update (Flower: 2×)",
+            f"masked vector {b['ours_masked_vector']:.2f}× "
+            f"(Flower {b['flower_masked_vector']:.2f}×); whole upload ≤ "
+            f"{b['ours_upload_total_max']:.3f}× (Flower "
+            f"{b['flower_upload_total_max']:.3f}×)",
+            (md.verdict(b["met"]) + " for the masked vector; keys and shares add the rest")
+            if b["ours_upload_total_max"] > 1
+            else md.verdict(b["met"]),
+        ],
+        [
+            "client cost ≤ 5% of a local DP round",
+            f"{md.ms(c['client_total_s'])} per site (n={c['sites']}, L={c['vector_length']:,}) vs "
+            f"{c['dp_round_s']:.1f} s DP round = {100 * c['fraction']:.2f}% "
+            f"({dp.get('source', '')})",
+            md.verdict(c["met"]),
+        ],
+        [
+            "simulated round ≤ 1.5× without secure aggregation",
+            f"{s['ratio']:.2f}×" if s["ratio"] is not None else "not measured",
+            md.verdict(s["met"]),
+        ],
+        [
+            "faster than Flower's SecAgg+ at equal n and size",
+            f"client ≥ {f['min_client_speedup']:.1f}×, server unmask ≥ "
+            f"{f['min_server_unmask_speedup']:.1f}× faster",
+            md.verdict(f["client_total_all"] and f["server_unmask_all"]),
+        ],
+    ]
+    return ["### Targets", "", md.table(["target", "measured", ""], rows), ""]
+
+
+def _row(rows: list[dict[str, Any]], sites: int, length: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["sites"] == sites and r["vector_length"] == length), None)
+
+
+def headline_rows(report: dict[str, Any]) -> list[list[str]]:
+    """This benchmark's rows of the README's headline table."""
+    rows: list[list[str]] = []
+    inp = report["in_process"]
+    for n, length in ((5, 75_000), (100, 1_000_000)):
+        r = _row(inp, n, length)
+        if r:
+            rows.append(
+                [
+                    f"SecAgg+ client time per site, n={n}, L={length:,}",
+                    md.ms(r["ours"]["client_total_s"]),
+                    md.ms(r["flower"]["client_total_s"]),
+                    f"{r['flower_over_ours']['client_total_s']:.1f}× faster",
+                ]
+            )
+            rows.append(
+                [
+                    f"SecAgg+ server unmasking, n={n}, L={length:,}",
+                    md.ms(r["ours"]["server_unmask_s"]),
+                    md.ms(r["flower"]["server_unmask_s"]),
+                    f"{r['flower_over_ours']['server_unmask_s']:.1f}× faster",
+                ]
+            )
+    b = report["targets"]["bytes_per_site_vs_plain"]
+    rows.append(
+        [
+            "SecAgg+ upload per site ÷ plain fp32 update",
+            f"{b['ours_upload_total_max']:.3f}×",
+            f"{b['flower_upload_total_max']:.3f}×",
+            "uint32 vs int64 masked vectors",
+        ]
+    )
+    sim = report.get("simulation", {})
+    if "ours_secure_over_plain" in sim:
+        rows.append(
+            [
+                f"simulated round, secure ÷ plain ({sim['sites']} sites, "
+                f"{sim['adapter_floats']:,} floats)",
+                f"{sim['ours_secure_over_plain']:.2f}× ({sim['ours_added_seconds']:+.2f} s)",
+                f"{sim['flower_secure_over_plain']:.2f}× ({sim['flower_added_seconds']:+.2f} s)"
+                if "flower_secure_over_plain" in sim
+                else "not run",
+                "Flower's clients do not train",
+            ]
+        )
+    c = report["targets"]["client_cost_vs_dp_round"]
+    rows.append(
+        [
+            "SecAgg+ client cost ÷ one local DP round",
+            f"{100 * c['fraction']:.2f}%",
+            "",
+            f"DP round {c['dp_round_s']:.1f} s",
+        ]
+    )
+    return rows
 
 
 def main() -> None:

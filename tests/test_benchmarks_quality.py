@@ -1,4 +1,4 @@
-"""``benchmarks/quality.py --quick`` runs as a user would run it and writes the expected JSON.
+"""``benchmarks.quality --quick`` runs as a user would run it and writes the expected JSON.
 
 Its own process, into a temporary folder (never ``benchmarks/results``); only the shape of the
 results and the progress display are checked, never an accuracy or a timing.
@@ -6,7 +6,6 @@ results and the progress display are checked, never an accuracy or a timing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,28 +16,15 @@ import numpy as np
 import pytest
 from peft.tuners.lora import LoraLayer
 
+from benchmarks import quality
+from benchmarks.report import write_report
 from fedpeft.config import LoraSettings, ModelConfig
 from fedpeft.model import build_model, get_flat, set_flat, split_flat
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_benchmark(name: str):  # type: ignore[no-untyped-def]
-    """``benchmarks/<name>.py`` as a module (benchmarks is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_quality():  # type: ignore[no-untyped-def]
-    return load_benchmark("quality")
-
-
 def test_without_lora_zeroes_every_delta_weight_and_keeps_the_rest() -> None:
-    quality = load_quality()
     loaded = build_model(
         ModelConfig(loader="tiny_bert", task="classification", max_length=32),
         LoraSettings(r=4, target_modules=["query", "value"]),
@@ -72,7 +58,8 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "quality.py"),
+            "-m",
+            "benchmarks.quality",
             "--quick",
             "--seeds",
             "2",
@@ -160,9 +147,7 @@ def test_quality_quick_writes_json_plot_table_and_progress(tmp_path: Path) -> No
     assert len(progress) == len(runs) and progress[-1].startswith("[20/20]")
     assert "ceiling" in proc.stdout and "floor" in proc.stdout  # the closing table
     assert "linear probe: accuracy" in proc.stdout and "paired by seed" in proc.stdout
-    section = "\n".join(
-        load_benchmark("report").section_quality(report, tmp_path, tmp_path / "README.md")
-    )
+    section = "\n".join(quality.section(report, tmp_path, tmp_path / "README.md"))
     assert f"| probe (head on frozen encoder) | {probe['accuracy']:.3f} |" in section
     for strategy, by_epsilon in report["vs_fedavg"].items():  # the paired table, ε=8 column
         wins = sum(d > 0 for d in by_epsilon["8"])
@@ -177,7 +162,7 @@ def test_a_bad_set_override_exits_2_before_any_work(
     value: str, message: str, tmp_path: Path
 ) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--set", value]
+        [sys.executable, "-m", "benchmarks.quality", "--quick", "--set", value]
         + ["--out", str(tmp_path / "out")],
         cwd=ROOT,
         capture_output=True,
@@ -197,7 +182,6 @@ def test_head_inputs_are_what_the_head_reads() -> None:
     from fedpeft.config import compose_config
     from fedpeft.data import tokenize
 
-    quality = load_quality()
     config = compose_config(["model=tiny_bert"])
     loaded = build_model(config.model, config.lora, seed=0)
     texts = ["a fine film", "dull", "the plot goes nowhere at all", "yes", "moving and sharp"]
@@ -234,7 +218,6 @@ def test_head_inputs_are_what_the_head_reads() -> None:
 def test_fit_head_separates_separable_data_and_l2_shrinks_it() -> None:
     import torch
 
-    quality = load_quality()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 6, generator=g)
     y = (x[:, 0] - 0.5 * x[:, 3] > 0).long()  # linearly separable through the origin
@@ -248,7 +231,6 @@ def test_fit_head_separates_separable_data_and_l2_shrinks_it() -> None:
 
 
 def test_paired_secret_is_a_fixed_32_byte_key_per_seed_and_site() -> None:
-    quality = load_quality()
     keys = {(seed, site): quality.paired_secret(seed, site) for seed in (0, 1) for site in (0, 1)}
     assert all(len(k) == 32 for k in keys.values())  # fedpeft.client.budget.SECRET_BYTES
     assert len(set(keys.values())) == 4  # every seed and site its own stream
@@ -256,8 +238,6 @@ def test_paired_secret_is_a_fixed_32_byte_key_per_seed_and_site() -> None:
 
 
 def test_report_shows_every_named_quality_sweep_after_the_default(tmp_path: Path) -> None:
-    report = load_benchmark("report")
-
     def sweep(rounds: int, ffa: float) -> dict[str, object]:
         setting = {"model": "minilm", "dataset": "rotten_tomatoes", "sites": 10, "alpha": 0.3}
         return {
@@ -271,7 +251,7 @@ def test_report_shows_every_named_quality_sweep_after_the_default(tmp_path: Path
     results.mkdir()
     (results / "quality_long.json").write_text(json.dumps(sweep(6, 0.714)))
     (results / "quality.json").write_text(json.dumps(sweep(3, 0.657)))
-    report.write_report(results, tmp_path / "README.md")
+    write_report(results, tmp_path / "README.md")
     text = (tmp_path / "README.md").read_text()
     default = text.index("## Quality (`quality.py`)")
     named = text.index("## Quality, 6 rounds × 5 steps (`quality.py --name quality_long`)")
@@ -282,7 +262,7 @@ def test_report_shows_every_named_quality_sweep_after_the_default(tmp_path: Path
 
 def test_a_bad_name_exits_2_before_any_work(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--name", "../x"]
+        [sys.executable, "-m", "benchmarks.quality", "--quick", "--name", "../x"]
         + ["--out", str(tmp_path / "out")],
         cwd=ROOT,
         capture_output=True,

@@ -22,7 +22,7 @@ BENCH = ROOT / "benchmarks"
 
 def run_script(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / name), *args],
+        [sys.executable, "-m", f"benchmarks.{name}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -67,7 +67,7 @@ def check_secagg_row(row: dict[str, Any]) -> None:
 
 def test_secagg_vs_flower_in_process(tmp_path: Path) -> None:
     out = tmp_path / "secagg_vs_flower.json"
-    run_script("secagg_vs_flower.py", "--quick", "--no-sim", "--out", str(out))
+    run_script("secagg_vs_flower", "--quick", "--no-sim", "--out", str(out))
     report = load(out)
     assert report["benchmark"] == "secagg_vs_flower"
     assert {"in_process", "dp_round", "simulation", "targets"} <= set(report)
@@ -86,7 +86,7 @@ def test_secagg_vs_flower_in_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_secagg_vs_flower_with_simulations(tmp_path: Path) -> None:
     out = tmp_path / "secagg_vs_flower.json"
-    run_script("secagg_vs_flower.py", "--quick", "--out", str(out))
+    run_script("secagg_vs_flower", "--quick", "--out", str(out))
     sim = load(out)["simulation"]
     assert sim["errors"] == {}
     assert set(sim["median_seconds_per_round"]) == {
@@ -103,7 +103,7 @@ def test_secagg_vs_flower_with_simulations(tmp_path: Path) -> None:
 def communication_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A results folder holding a quick communication.json (run once for this module)."""
     results = tmp_path_factory.mktemp("results")
-    run_script("communication.py", "--quick", "--out", str(results / "communication.json"))
+    run_script("communication", "--quick", "--out", str(results / "communication.json"))
     return results
 
 
@@ -135,7 +135,7 @@ def test_communication(communication_results: Path) -> None:
 def test_report_from_results(communication_results: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     run_script(
-        "run.py", "--report-only", "--results", str(communication_results), "--readme", str(readme)
+        "run", "--report-only", "--results", str(communication_results), "--readme", str(readme)
     )
     text = readme.read_text()
     assert text.startswith("# Benchmarks")
@@ -145,7 +145,7 @@ def test_report_from_results(communication_results: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_scale(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    run_script("scale.py", "--quick", "--out", str(out))
+    run_script("scale", "--quick", "--out", str(out))
     report = load(out)
     assert [r["sites"] for r in report["results"]] == [10, 30]
     for row in report["results"]:
@@ -164,7 +164,7 @@ def test_scale(tmp_path: Path) -> None:
 def test_runner_runs_and_writes_readme(tmp_path: Path) -> None:
     results, readme = tmp_path / "results", tmp_path / "README.md"
     proc = run_script(
-        "run.py",
+        "run",
         "--quick",
         "--only",
         "communication",
@@ -186,10 +186,10 @@ def test_runner_runs_and_writes_readme(tmp_path: Path) -> None:
 def test_runner_report_from_all_quick_results(tmp_path: Path) -> None:
     results, readme = tmp_path / "results", tmp_path / "README.md"
     results.mkdir()
-    run_script("secagg_vs_flower.py", "--quick", "--out", str(results / "secagg_vs_flower.json"))
-    run_script("scale.py", "--quick", "--out", str(results / "scale.json"))
+    run_script("secagg_vs_flower", "--quick", "--out", str(results / "secagg_vs_flower.json"))
+    run_script("scale", "--quick", "--out", str(results / "scale.json"))
     shutil.copy(BENCH / "results" / "deployment_latency.json", results)  # a measured run
-    run_script("run.py", "--report-only", "--results", str(results), "--readme", str(readme))
+    run_script("run", "--report-only", "--results", str(results), "--readme", str(readme))
     text = readme.read_text()
     assert "## Secure aggregation" in text and "## Scale" in text and "### Targets" in text
     assert "## A deployed round against the same round simulated" in text
@@ -200,7 +200,7 @@ def test_runner_report_from_all_quick_results(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_deployment_latency(tmp_path: Path) -> None:
     out = tmp_path / "deployment_latency.json"
-    run_script("deployment_latency.py", "--quick", "--out", str(out), timeout=1200)
+    run_script("deployment_latency", "--quick", "--out", str(out), timeout=1200)
     report = load(out)
     assert [(r["mode"], r["engine"]) for r in report["results"]] == [
         ("plain", "fedpeft-worker"),
@@ -217,7 +217,7 @@ def test_deployment_latency(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_instruct(tmp_path: Path) -> None:
     out = tmp_path / "instruct.json"
-    run_script("instruct.py", "--quick", "--out", str(out))
+    run_script("instruct", "--quick", "--out", str(out))
     report = load(out)
     assert report["benchmark"] == "instruct"
     t = report["throughput"]
@@ -235,7 +235,7 @@ def test_dp_throughput_measures_bare_opacus_beside_ours_in_rotating_order(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "dp_throughput.json"
-    proc = run_script("dp_throughput.py", "--quick", "--out", str(out))
+    proc = run_script("dp_throughput", "--quick", "--out", str(out))
     report = load(out)
     names = ["plain", "dp_hooks", "dp_ghost", "opacus_hooks"]
     assert report["variants"] == names

@@ -1,6 +1,6 @@
 """A real fedpeft deployment on loopback: Flower's SuperLink and SuperNodes as processes.
 
-Used by the deployment tests and ``benchmarks/deployment_latency.py``. It does what the
+Used by the deployment tests and ``benchmarks.deployment_latency``. It does what the
 README's "Run a real federation" section tells a coordinator and its sites to do, with
 ports picked free at run time and everything under one scratch folder:
 
