@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import markdown as md
+from fedpeft.server.rounds import RoundRecord, read_rounds
 from fedpeft.testing import offline_env, write_classification_csv
 from tests.deploy.harness import LoopbackDeployment
 
@@ -73,9 +74,8 @@ def _overrides(mode: str, rounds: int, data: Path, run_dir: Path) -> str:
     )
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def _rows(run_dir: Path) -> list[RoundRecord]:
+    return read_rounds(run_dir / "metrics.jsonl")
 
 
 def _task_seconds(logs: list[Path]) -> dict[str, float]:
@@ -138,12 +138,12 @@ def import_seconds(code: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    seconds = [float(r["seconds"]) for r in rows]
+def _summary(rows: list[RoundRecord]) -> dict[str, Any]:
+    seconds = [r.seconds for r in rows]
     later = rows[1:]
     phases = {
-        k: round(statistics.mean(float(r["phase_seconds"][k]) for r in later), 3)
-        for k in (later[0]["phase_seconds"] if later else {})
+        k: round(statistics.mean(r.phase_seconds[k] for r in later), 3)
+        for k in (later[0].phase_seconds if later else {})
     }
     return {
         "round_seconds": [round(s, 2) for s in seconds],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedpeft.server.progress import format_bytes
+
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table: ``header``, then one line per row (cells already formatted)."""
@@ -23,11 +25,8 @@ def ms(seconds: float) -> str:
 
 
 def size(n: float) -> str:
-    """Bytes in the largest of GB, MB, kB that fits (decimal units), else bytes."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n:,.0f} B"
+    """Bytes in decimal units (``792 B``, ``25.4 kB``, ``1.2 MB``): the round lines' format."""
+    return format_bytes(n)
 
 
 def verdict(flag: Any) -> str:

@@ -360,7 +360,7 @@ def run_federation(
 
     result = accuracy_of(federation.global_flat)
     head_only = accuracy_of(without_lora(federation.global_flat, loaded.layout))
-    epsilons = [e for r in rows[-1:] for e in r["epsilon"].values()]
+    epsilons = [e for r in rows[-1:] for e in r.epsilon.values()]
     return {
         "accuracy": result.accuracy,
         "accuracy_without_lora": head_only.accuracy,

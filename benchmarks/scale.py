@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 
 from benchmarks import markdown as md
+from fedpeft.server.rounds import read_rounds
 from fedpeft.testing import offline_env, write_classification_csv
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scale.json"
@@ -121,16 +122,16 @@ def run_setting(csv_path: Path, out: Path, num_sites: int, rounds: int) -> dict[
     metrics = out / "metrics.jsonl"
     if code != 0 or not metrics.is_file():
         raise RuntimeError(f"simulation with {num_sites} sites failed ({code}):\n{tail}")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    later = [float(r["seconds"]) for r in rows[1:]]
+    rows = read_rounds(metrics)
+    later = [r.seconds for r in rows[1:]]
     return {
         "sites": num_sites,
-        "sampled_per_round": rows[-1]["sites_sampled"],
-        "evaluated_per_round": rows[-1]["eval_sites"],
+        "sampled_per_round": rows[-1].sites_sampled,
+        "evaluated_per_round": rows[-1].eval_sites,
         "rounds": rounds,
         "seconds_per_round": later,
         "median_seconds_per_round": statistics.median(later),
-        "round1_seconds": float(rows[0]["seconds"]),
+        "round1_seconds": rows[0].seconds,
         "process_seconds": wall,
         "peak_rss_mb": memory.peak_rss / 2**20,
         "peak_pss_mb": memory.peak_pss / 2**20,

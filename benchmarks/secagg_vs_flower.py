@@ -70,6 +70,7 @@ from fedpeft.privacy.secagg import (
     default_num_neighbours,
     default_threshold,
 )
+from fedpeft.server.rounds import read_rounds
 from fedpeft.testing import offline_env, write_classification_csv
 
 HERE = Path(__file__).resolve().parent
@@ -488,8 +489,7 @@ def run_fedpeft_sim(
     metrics = out / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
         raise RuntimeError(f"simulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [float(r["seconds"]) for r in rows[1:]]
+    return [r.seconds for r in read_rounds(metrics)[1:]]
 
 
 def run_flower_sim(out: Path, *, secure: bool, sites: int, rounds: int, length: int) -> list[float]:
