@@ -8,7 +8,10 @@ This module owns the four primitives SecAgg+ needs and nothing else:
 * a pseudo-random generator that expands a 32-byte seed into a uint32 vector with the ChaCha20
   stream cipher (:func:`prg_uint32`);
 * authenticated encryption of share payloads with AES-256-GCM, with associated data that binds
-  the round, the sender and the recipient (:func:`encrypt`, :func:`decrypt`).
+  the round, the sender and the recipient (:func:`encrypt`, :func:`decrypt`);
+
+and the two keys a pair of nodes derives from them each round: the seed of their pairwise mask
+(:func:`pair_mask`) and the key of the shares one sends the other (:func:`share_key`).
 
 No primitive is invented here, and neither numpy's nor Python's ``random`` generators are used
 for anything secret (Flower's own SecAgg+ draws masks from ``numpy.random.RandomState`` seeded
@@ -40,9 +43,11 @@ __all__ = [
     "generate_private_key",
     "key_info",
     "load_private_key",
+    "pair_mask",
     "prg_uint32",
     "private_key_bytes",
     "public_key_bytes",
+    "share_key",
 ]
 
 KEY_BYTES = 32  # X25519 keys, HKDF outputs, ChaCha20 and AES-256 keys are all 32 bytes
@@ -236,3 +241,23 @@ def decrypt(key: bytes, ciphertext: bytes, *, associated_data: bytes) -> bytes:
             "authentication failed: the ciphertext was altered, or is for another key, round, "
             "sender or recipient"
         ) from error
+
+
+# --- the two keys of a pair of nodes ----------------------------------------------------------
+SHARE_KEY_PURPOSE = "share-encryption"  # HKDF purpose of the key that encrypts shares
+MASK_KEY_PURPOSE = "pairwise-mask"  # HKDF purpose of the key that seeds a pairwise mask
+
+
+def pair_mask(
+    private_key: bytes, peer_key: bytes, *, round_id: int, a: int, b: int, length: int
+) -> NDArray[np.uint32]:
+    """Pairwise mask of ``a`` and ``b``: ChaCha20 keyed by HKDF(ECDH), ``length`` uint32."""
+    info = key_info(MASK_KEY_PURPOSE, round_id=round_id, node_a=a, node_b=b)
+    key = derive_shared_key(load_private_key(private_key), peer_key, info=info)
+    return prg_uint32(key, length)
+
+
+def share_key(private_key: bytes, peer_key: bytes, *, round_id: int, a: int, b: int) -> bytes:
+    """AES-GCM key for the shares node ``a`` sends to ``b`` (ECDH, HKDF bound to the round)."""
+    info = key_info(SHARE_KEY_PURPOSE, round_id=round_id, node_a=a, node_b=b)
+    return derive_shared_key(load_private_key(private_key), peer_key, info=info)

@@ -37,9 +37,7 @@ from fedpeft.privacy.secagg_messages import (
     check_id,
     check_keys,
     check_message,
-    pair_mask,
     share_holders,
-    share_key,
 )
 
 __all__ = ["SecAggClient"]
@@ -271,7 +269,7 @@ class SecAggClient:
         masked = quantized.values  # uint32 arithmetic wraps: every operation is mod 2^32
         masked += masking.prg_uint32(self._seed, self._length)
         for peer in sorted(senders):
-            mask = pair_mask(
+            mask = masking.pair_mask(
                 self._mask_sk,
                 self._peer_mask_keys[peer],
                 round_id=self._round_id,
@@ -332,7 +330,7 @@ class SecAggClient:
 
     def _share_key(self, peer: int, peer_key: bytes) -> bytes:
         try:
-            return share_key(
+            return masking.share_key(
                 self._encryption_sk, peer_key, round_id=self._round_id, a=self.node_id, b=peer
             )
         except masking.CryptoError as error:

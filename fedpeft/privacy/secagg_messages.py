@@ -49,8 +49,6 @@ __all__ = [
 
 # Protocol constants and the helpers below the graph are shared by secagg_client and
 # secagg_server; they are not part of the public API (not in __all__).
-SHARE_KEY_PURPOSE = "share-encryption"  # HKDF purpose of the key that encrypts shares
-MASK_KEY_PURPOSE = "pairwise-mask"  # HKDF purpose of the key that seeds a pairwise mask
 SHARES_AD_PURPOSE = "shares"  # AES-GCM associated-data purpose of a share payload
 PAYLOAD_BYTES = 2 * shamir.SHARE_BYTES  # share of b_i || share of s_i
 CIPHERTEXT_BYTES = 12 + PAYLOAD_BYTES + 16  # AES-GCM nonce + payload + tag
@@ -477,21 +475,6 @@ def graph_problems(num_nodes: int, num_neighbours: int, threshold: int) -> list[
 def share_holders(node: int, neighbours: Sequence[int]) -> tuple[int, ...]:
     """Share holders of ``node``; the share index of a holder is its position here plus one."""
     return tuple(sorted({node, *neighbours}))
-
-
-def pair_mask(
-    private_key: bytes, peer_key: bytes, *, round_id: int, a: int, b: int, length: int
-) -> NDArray[np.uint32]:
-    """Pairwise mask of ``a`` and ``b``: ChaCha20 keyed by HKDF(ECDH), ``length`` uint32."""
-    info = masking.key_info(MASK_KEY_PURPOSE, round_id=round_id, node_a=a, node_b=b)
-    key = masking.derive_shared_key(masking.load_private_key(private_key), peer_key, info=info)
-    return masking.prg_uint32(key, length)
-
-
-def share_key(private_key: bytes, peer_key: bytes, *, round_id: int, a: int, b: int) -> bytes:
-    """AES-GCM key for the shares node ``a`` sends to ``b`` (ECDH, HKDF bound to the round)."""
-    info = masking.key_info(SHARE_KEY_PURPOSE, round_id=round_id, node_a=a, node_b=b)
-    return masking.derive_shared_key(masking.load_private_key(private_key), peer_key, info=info)
 
 
 def check_message(msg: Any, *, round_id: int, node_id: int | None) -> None:

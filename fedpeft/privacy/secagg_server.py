@@ -51,7 +51,6 @@ from fedpeft.privacy.secagg_messages import (
     default_num_neighbours,
     default_threshold,
     graph_problems,
-    pair_mask,
     share_holders,
 )
 
@@ -267,7 +266,7 @@ class SecAggServer:
             if masking.public_key_bytes(masking.load_private_key(key)) != self._mask_keys[owner]:
                 self._abort(f"the reconstructed mask key of node {owner} does not match its key")
             for peer in peers:
-                mask = pair_mask(
+                mask = masking.pair_mask(
                     key,
                     self._mask_keys[peer],
                     round_id=self.round_id,

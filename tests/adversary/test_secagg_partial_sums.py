@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.privacy import masking, secagg_messages, shamir
+from fedpeft.privacy.masking import pair_mask
 from fedpeft.privacy.quantize import quantize
 from fedpeft.privacy.secagg import (
     SecAggAbort,
@@ -40,7 +41,7 @@ from fedpeft.privacy.secagg import (
     Stage,
     UnmaskRequest,
 )
-from fedpeft.privacy.secagg_messages import pair_mask, share_holders
+from fedpeft.privacy.secagg_messages import share_holders
 from fedpeft.server.aggregation import RoundRequest
 from fedpeft.server.federation import Federation
 from fedpeft.server.progress import Progress
