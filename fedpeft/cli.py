@@ -63,6 +63,66 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_examples(text: str) -> list[int]:
+    """``--site-examples 400,800,1200``: each site's training examples, whole numbers >= 1."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(n < 1 for n in sizes):
+        raise ConfigError(
+            f"--site-examples {text!r}: give each site's number of training examples, whole "
+            "numbers >= 1 separated by commas, e.g. --site-examples 400,800,1200"
+        )
+    return sizes
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fedpeft.plan import (
+        best_sample_rate,
+        plan_site,
+        simulation_plans,
+        table,
+        trained_coordinates,
+    )
+
+    config = compose_config(args.overrides)
+    if not config.privacy.enabled:
+        raise ConfigError(
+            "privacy.enabled=false: without DP-SGD there is no noise to plan; drop the "
+            "override (the default is DP at ε = 8) or set privacy.enabled=true"
+        )
+    if args.site_examples:
+        coordinates = trained_coordinates(config)
+        plans = [
+            plan_site(config, site=f"site {i}", num_train=n, coordinates=coordinates)
+            for i, n in enumerate(_site_examples(args.site_examples))
+        ]
+    else:  # the simulation's own sites, as its preflight finds them
+        from fedpeft.preflight import preflight
+
+        plans = simulation_plans(config, preflight(config))
+    p, f = config.privacy, config.federation
+    print(
+        f"DP-SGD plan: ε = {p.epsilon:g} per site over {f.rounds} round(s) of "
+        f"{config.train.local_steps} step(s), {p.accountant} accountant, clip norm "
+        f"{p.max_grad_norm:g}; ρ = σ·√d / (q·N), a step's noise over the largest "
+        "per-coordinate signal (fedpeft.plan)"
+    )
+    print(table(plans))
+    q, sigma = best_sample_rate(config)
+    now = plans[0] if plans else None
+    if now is not None and q != now.sample_rate:
+        gain = (now.noise_multiplier / now.sample_rate) / (sigma / q)
+        print(
+            f"\nrecommended: privacy.sample_rate={q:g} (σ = {sigma:.3f}); it lowers ρ at every "
+            f"site {gain:.2g}× (σ/q {now.noise_multiplier / now.sample_rate:.3g} → {sigma / q:.3g})"
+        )
+    else:
+        print(f"\nprivacy.sample_rate={q:g} already has the smallest σ/q of the rates tried")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from fedpeft.export import export_adapter, export_merged
 
@@ -258,6 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also show everything Flower, Ray and the libraries print (always in RUN_DIR/log.txt)",
     )
     sim.set_defaults(func=_simulate)
+    plan = sub.add_parser(
+        "plan",
+        help="before training: each site's σ, q, batch, steps, ε per round, and whether DP "
+        "noise leaves LoRA anything to learn",
+    )
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides, as for simulate")
+    plan.add_argument(
+        "--site-examples",
+        metavar="N1,N2,...",
+        help="each site's training examples (default: the simulation's own partitions)",
+    )
+    plan.set_defaults(func=_plan)
     audit = sub.add_parser(
         "audit",
         help="bound ε from below with one canary training run (Steinke et al. 2023); "

@@ -105,6 +105,9 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    # Indices of the transformer layers to adapt (peft's layers_to_transform); null: every
+    # layer. Fewer adapted layers, fewer trained coordinates: less DP noise per signal.
+    layers_to_transform: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,18 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (
             bool(config.lora.target_modules),
             "lora.target_modules is empty: name the layers to adapt",
+        ),
+        (
+            config.lora.layers_to_transform is None
+            or (
+                bool(config.lora.layers_to_transform)
+                and min(config.lora.layers_to_transform) >= 0
+                and len(set(config.lora.layers_to_transform))
+                == len(config.lora.layers_to_transform)
+            ),
+            f"lora.layers_to_transform={config.lora.layers_to_transform}: give distinct layer "
+            "indices >= 0 (e.g. lora.layers_to_transform=[4,5] for the last two of six), or "
+            "null for every layer",
         ),
         (d.dataset != "file" or bool(d.path), "data.dataset=file needs data.path=/a/file.csv"),
         (

@@ -343,12 +343,20 @@ def build_model(
     if device is not None:
         base.to(device)  # type: ignore[arg-type]  # transformers' wrapper of to() is mistyped
     task_type = TaskType.SEQ_CLS if model_config.task == "classification" else TaskType.CAUSAL_LM
+    layers = list(lora.layers_to_transform) if lora.layers_to_transform is not None else None
+    depth = getattr(base.config, "num_hidden_layers", None)
+    if layers is not None and isinstance(depth, int) and max(layers) >= depth:
+        raise ConfigError(
+            f"lora.layers_to_transform={layers}: model {model_config.loader!r} has "
+            f"{depth} layers (0 to {depth - 1}); give indices below {depth}"
+        )
     lora_config = LoraConfig(
         task_type=task_type,
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, scales by float
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        layers_to_transform=layers,
     )
     torch.manual_seed(seed)
     try:

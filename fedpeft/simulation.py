@@ -424,11 +424,16 @@ def simulate(
     # What the libraries warn while this process checks the inputs goes to log.txt with
     # the rest (recorded here, in this call only: no process-wide filter is changed).
     failed: BaseException | None = None
+    advice: list[str] = []  # what fedpeft.plan says of the DP noise at these sites
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("default")  # Python's own: each warning once per location
         try:
             if check:  # before a process, the run directory or a model is touched
-                preflight(config)
+                report = preflight(config)
+                if config.privacy.enabled:
+                    from fedpeft.plan import simulation_plans, warnings_for
+
+                    advice = warnings_for(simulation_plans(config, report))
         except BaseException as err:  # noqa: BLE001 - re-raised below, after the warnings
             failed = err
     if failed is not None:
@@ -445,6 +450,8 @@ def simulate(
             log.write("fedpeft", line)
     try:
         shown.notices(config, log_dir=out)
+        for line in advice:
+            shown.line(f"fedpeft: warning: {line}")
         with superlink(log, simulation_env(config)) as link:
             run = link.submit(config)
             offset = shown.follow(events, offset, running=lambda: run.poll() is None)

@@ -214,6 +214,10 @@ def test_the_console_has_fedpefts_lines_and_the_log_has_the_libraries(
     assert any(line.startswith("round 1/2 · training · sites 3/3") for line in console)
     # Opacus's warning, stated once by fedpeft in its own words
     assert sum("'Secure RNG turned off' warning in the log" in line for line in console) == 1
+    # fedpeft.plan's check of the DP noise: 8 examples a step cannot move 2,048 LoRA coordinates
+    (advice,) = [line for line in console if line.startswith("fedpeft: warning: ")]
+    assert "3 of 3 site(s) train LoRA under more DP noise" in advice
+    assert "LoRA will not learn" in advice
 
     log = (out / "log.txt").read_text().splitlines()
     assert all(STAMP.match(line) for line in log), [x for x in log if not STAMP.match(x)][:5]

@@ -191,3 +191,27 @@ def test_the_sum_does_not_depend_on_the_order_replies_arrive_in(
     np.testing.assert_array_equal(results[0], results[1])
     # one of the two sums, whichever the content order gives
     assert np.allclose(results[0], 0.0, atol=1e-6) or np.allclose(results[0], 1 / 3, atol=1e-6)
+
+
+def test_lora_on_chosen_layers_at_rank_one_trains_and_sends_only_those(
+    cls_csv: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(
+        "classification",
+        cls_csv,
+        "federation.rounds=1",
+        "lora.r=1",
+        "lora.layers_to_transform=[1]",
+    )
+    grid = _grid(config, tmp_path)
+    run_federation(grid, config, run_dir=tmp_path / "run", progress=Progress())
+    train_replies = [m for m in grid.received if K.LAYOUT in m.content.config_records]
+    assert len(train_replies) == 3
+    for reply in train_replies:
+        names = list(reply.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
+        lora = [n for n in names if ".lora_" in n]
+        assert lora and all(".layer.1." in n for n in lora)  # layer 0 has no adapter
+        # r = 1 on query and value of one 32-wide layer: A and B of 32 each, and the head
+        assert reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy().size == 4 * 32 + 66
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [1] and saved["r"] == 1  # peft's own save format
