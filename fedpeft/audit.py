@@ -351,7 +351,7 @@ class _DiracCanaries:
         norm: float,
         rng: np.random.Generator,
     ) -> None:
-        from fedpeft.client.train import is_head
+        from fedpeft.model import is_head
 
         # A head's coordinates carry the real examples' largest gradients: keep canaries on
         # the LoRA factors, where the real signal per coordinate is small.

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, cast, get_type_hints
+from typing import Any, cast, get_args, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -60,6 +60,7 @@ from fedpeft.names import (
     ServerOptimizerName,
     StrategyName,
     Task,
+    Trainable,
 )
 
 
@@ -169,6 +170,10 @@ class TrainConfig:
     device: Device = Device.auto
     # torch threads per site process; 0 keeps torch's default.
     num_threads: int = 0
+    # What each round trains, the last entry repeating: [head, lora] trains the classifier
+    # head alone in round 1 (under DP its clipping budget is not spent on LoRA coordinates
+    # that start at zero), then LoRA with the head. Classification only for head.
+    trainable: list[Trainable] = field(default_factory=lambda: [Trainable.lora])
 
 
 @dataclass(frozen=True)
@@ -328,12 +333,14 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> FedPeftConfig
 def _composition_error(err: Exception, overrides: list[str] | tuple[str, ...]) -> str:
     """What was wrong, in the words :func:`validate` uses where it can be said so."""
     cause = err.__cause__
-    key = getattr(cause, "full_key", None)
-    names = _name_field(key) if isinstance(key, str) else None
+    full_key = getattr(cause, "full_key", None)
+    key = full_key.split("[", 1)[0] if isinstance(full_key, str) else None  # a list's entry
+    names = _name_field(key) if key is not None else None
     given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key]
     if names is not None and given:
         allowed = [member.value for member in names]
-        return f"Bad configuration override {key}={given[-1]!r}: allowed {allowed}"
+        value = getattr(cause, "value", None) if full_key != key else given[-1]
+        return f"Bad configuration override {key}={value!r}: allowed {allowed}"
     # Hydra's "Error merging override k=v" keeps OmegaConf's reason (an unknown name with
     # the valid ones, a wrong type) as the cause; both are shown.
     why = f" ({str(cause).splitlines()[0]})" if cause is not None else ""
@@ -349,7 +356,9 @@ def _name_field(key: str) -> type[StrEnum] | None:
     for group in fields(FedPeftConfig):
         if group.name == section and isinstance(group.default_factory, type):
             hint = get_type_hints(group.default_factory).get(name)
-            return hint if isinstance(hint, type) and issubclass(hint, StrEnum) else None
+            for candidate in (hint, *get_args(hint)):  # list[Trainable]: its entries' enum
+                if isinstance(candidate, type) and issubclass(candidate, StrEnum):
+                    return candidate
     return None
 
 
@@ -396,6 +405,7 @@ def _name_problems(config: FedPeftConfig) -> list[str]:
         ("strategy.server_optimizer", config.strategy.server_optimizer, ServerOptimizerName),
         ("privacy.accountant", config.privacy.accountant, Accountant),
         ("privacy.clipping", config.privacy.clipping, Clipping),
+        *(("train.trainable", entry, Trainable) for entry in config.train.trainable),
     ]
     return [
         f"{key}={value!r}: allowed {[member.value for member in names]}"
@@ -463,6 +473,16 @@ def _problems(config: FedPeftConfig) -> list[str]:
             f"[1, {MAX_NEW_TOKENS_MAX}] (the longest generated answer, in tokens)",
         ),
         (t.local_steps >= 1, f"train.local_steps={t.local_steps}: must be >= 1"),
+        (
+            bool(t.trainable),
+            "train.trainable is empty: name what each round trains, e.g. "
+            "train.trainable=[head,lora] (the last entry repeats)",
+        ),
+        (
+            Trainable.head not in t.trainable or m.task == "classification",
+            f"train.trainable={[str(x) for x in t.trainable]} with model.task={m.task!r}: a "
+            "causal LM has no classifier head to train alone; use train.trainable=[lora]",
+        ),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
         (t.lr > 0, f"train.lr={t.lr}: must be > 0"),
         (t.head_lr is None or t.head_lr > 0, f"train.head_lr={t.head_lr}: must be > 0 or null"),

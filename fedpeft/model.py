@@ -41,6 +41,11 @@ from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling
 from fedpeft.names import Loader, Task
 
 
+def is_head(name: str) -> bool:
+    """Whether adapter tensor ``name`` is a trained copy of a head (peft ``modules_to_save``)."""
+    return ".modules_to_save." in name
+
+
 @dataclass(frozen=True)
 class AdapterLayout:
     """Names and shapes of the adapter tensors, in the order of the flat vector."""

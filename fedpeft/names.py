@@ -33,6 +33,7 @@ __all__ = [
     "ServerOptimizerName",
     "StrategyName",
     "Task",
+    "Trainable",
 ]
 
 
@@ -129,3 +130,10 @@ class Clipping(_Name):
     hooks = auto()  # per-sample gradients by module hooks
     ghost = auto()  # ghost clipping: norms without per-sample gradients
     functorch = auto()  # per-sample gradients by torch.func
+
+
+class Trainable(_Name):
+    """An entry of ``train.trainable``: what the sites train in a round."""
+
+    head = auto()  # the classifier head alone (LoRA's B is still zero: nothing to learn yet)
+    lora = auto()  # LoRA's trained factors (as the strategy names them) and the head

@@ -131,8 +131,7 @@ def trained_coordinates(config: FedPeftConfig) -> dict[str, int]:
     model and strategy (the adapter is built on the CPU; no data is read)."""
     import torch
 
-    from fedpeft.client.train import is_head
-    from fedpeft.model import build_model
+    from fedpeft.model import build_model, is_head
     from fedpeft.server.strategies import make_strategy
 
     loaded = build_model(config.model, config.lora, seed=config.seed, device=torch.device("cpu"))

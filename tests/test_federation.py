@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
-from fedpeft.config import FedPeftConfig
+from fedpeft.config import ConfigError, FedPeftConfig
 from fedpeft.model import build_model
 from fedpeft.server.federation import Federation, run_federation
 from fedpeft.server.progress import Progress
@@ -215,3 +215,56 @@ def test_lora_on_chosen_layers_at_rank_one_trains_and_sends_only_those(
         assert reply.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy().size == 4 * 32 + 66
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1] and saved["r"] == 1  # peft's own save format
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsvd"])
+def test_a_head_round_trains_the_head_alone_and_leaves_lora_at_its_start(
+    cls_csv: Path, tmp_path: Path, strategy: str
+) -> None:
+    config = tiny_config(
+        "classification",
+        cls_csv,
+        "federation.rounds=2",
+        f"strategy={strategy}",
+        "train.trainable=[head,lora]",
+    )
+    grid = _grid(config, tmp_path)
+    federation = Federation(grid, config, RunDir(tmp_path / "run"), Progress())
+    start = federation.global_flat.copy()
+    layout = federation.loaded.layout
+    lora = np.concatenate(
+        [
+            np.arange(offset, offset + numel)
+            for name, offset, numel in zip(
+                layout.names, np.cumsum((0,) + layout.numels[:-1]), layout.numels, strict=True
+            )
+            if ".lora_" in name
+        ]
+    )
+    federation.train_round(1, [11, 22, 33])
+    after_head = federation.global_flat.copy()
+    np.testing.assert_array_equal(after_head[lora], start[lora])  # A and B as they started
+    assert not np.array_equal(after_head, start)  # the head moved
+    sent = {
+        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
+        for m in grid.received
+        if K.LAYOUT in m.content.config_records
+    }
+    assert all(".modules_to_save." in n for n in sent["1"])
+    federation.train_round(2, [11, 22, 33])
+    sent = {
+        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
+        for m in grid.received
+        if K.LAYOUT in m.content.config_records
+    }
+    assert any(".lora_B." in n for n in sent["2"])  # the last entry, lora, repeats
+    assert not np.array_equal(federation.global_flat[lora], start[lora])
+
+
+def test_a_schedule_is_checked(cls_csv: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.trainable='last': allowed \['head', 'lora'\]"):
+        tiny_config("classification", cls_csv, "train.trainable=[head,last]")
+    with pytest.raises(ConfigError, match="train.trainable is empty"):
+        tiny_config("classification", cls_csv, "train.trainable=[]")
+    with pytest.raises(ConfigError, match="a causal LM has no classifier head"):
+        tiny_config("causal_lm", cls_csv, "train.trainable=[head,lora]")

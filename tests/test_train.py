@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.client.train import is_head, make_optimizer, prepare_trainable
+from fedpeft.client.train import make_optimizer, prepare_trainable
 from fedpeft.config import ConfigError, TrainConfig
-from fedpeft.model import build_model
+from fedpeft.model import build_model, is_head
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings(

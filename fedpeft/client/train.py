@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from fedpeft.config import TrainConfig
 from fedpeft.data import TokenizedDataset, collate
 from fedpeft.losses import per_example_loss
-from fedpeft.model import LoadedModel, get_flat, set_flat
+from fedpeft.model import LoadedModel, get_flat, is_head, set_flat
 from fedpeft.privacy.errors import NonFiniteExamplesError
 
 if TYPE_CHECKING:
@@ -126,11 +126,6 @@ def prepare_trainable(
         if name in wanted:
             params.append((name, param))
     return params
-
-
-def is_head(name: str) -> bool:
-    """Whether adapter tensor ``name`` is a trained copy of a head (peft ``modules_to_save``)."""
-    return ".modules_to_save." in name
 
 
 def make_optimizer(

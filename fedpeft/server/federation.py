@@ -43,7 +43,15 @@ from fedpeft.config import ConfigError, FedPeftConfig, to_yaml
 from fedpeft.export import BASE_DIR, describe_adapter, write_base
 from fedpeft.instructions import Signer, config_digest
 from fedpeft.lineage import adapter_sha256
-from fedpeft.model import LoadedModel, build_model, get_flat, save_adapter
+from fedpeft.model import (
+    AdapterLayout,
+    LoadedModel,
+    build_model,
+    get_flat,
+    is_head,
+    save_adapter,
+)
+from fedpeft.names import Trainable
 from fedpeft.report import write_report
 from fedpeft.server.aggregation import (
     Aggregation,
@@ -59,7 +67,7 @@ from fedpeft.server.resume import resume_point
 from fedpeft.server.rounds import RoundRecord
 from fedpeft.server.rundir import ABORTED_FILE, FEDERATION_FILE, Checkpoint, RunDir
 from fedpeft.server.secure_aggregation import SecureAggregation
-from fedpeft.server.strategies import Strategy, make_strategy
+from fedpeft.server.strategies import Strategy, make_strategy, widen
 from fedpeft.server.trail import CoordinatorTrail
 
 logger = logging.getLogger(__name__)
@@ -260,11 +268,13 @@ class Federation:
     def train_round(self, round_number: int, nodes: list[int]) -> RoundOutcome:
         """Train, aggregate and apply one round; the aggregation's outcome."""
         fed = self.config.federation
+        full = self.strategy.trained_layout()
+        trained = self.trained_in(round_number)
         request = RoundRequest(
             round_number=round_number,
             nodes=nodes,
             global_flat=self.global_flat,
-            trained=self.strategy.trained_layout(),
+            trained=trained,
             min_sites=fed.min_sites,
             timeout=fed.round_timeout,
             federation_id=self.federation_id,
@@ -273,13 +283,24 @@ class Federation:
         )
         outcome = self.aggregation.run_round(self.grid, request)
         if outcome.mean_delta is not None:
-            self.global_flat = self.strategy.apply(self.global_flat, outcome.mean_delta)
+            # a round that trained a part (the head alone) leaves the rest where it is
+            mean_delta = widen(outcome.mean_delta, trained, full)
+            self.global_flat = self.strategy.apply(self.global_flat, mean_delta)
         else:
             self.progress.message(
                 f"round {round_number}: {len(outcome.contributors)} usable update(s), "
                 f"federation.min_sites={fed.min_sites}; global adapter unchanged"
             )
         return outcome
+
+    def trained_in(self, round_number: int) -> AdapterLayout:
+        """What the sites train in ``round_number``: the strategy's tensors, or the head
+        alone where ``train.trainable`` says so for that round (its last entry repeats)."""
+        schedule = self.config.train.trainable
+        full = self.strategy.trained_layout()
+        if schedule[min(round_number, len(schedule)) - 1] == Trainable.head:
+            return full.subset(is_head)
+        return full
 
     def train_figures(self, nodes: list[int], outcome: RoundOutcome) -> dict[str, Any]:
         """The training fields of the round's :class:`RoundRecord`."""

@@ -88,6 +88,20 @@ class Strategy(ABC):
         return full
 
 
+def widen(delta: FloatArray, part: AdapterLayout, whole: AdapterLayout) -> FloatArray:
+    """``delta`` laid out as ``part`` (a subset of ``whole``), zeros for the rest of ``whole``."""
+    if part.names == whole.names:
+        return delta
+    at = dict(zip(part.names, np.cumsum((0,) + part.numels[:-1]), strict=True))
+    out = np.zeros(whole.size, dtype=np.float32)
+    offset = 0
+    for name, numel in zip(whole.names, whole.numels, strict=True):
+        if name in at:
+            out[offset : offset + numel] = delta[int(at[name]) : int(at[name]) + numel]
+        offset += numel
+    return out
+
+
 def lora_pairs(layout: AdapterLayout) -> list[tuple[str, str]]:
     """``(lora_A name, lora_B name)`` for every adapted module, in layout order."""
     names = set(layout.names)
@@ -229,6 +243,8 @@ def refactorize(flat: FloatArray, layout: AdapterLayout) -> FloatArray:
         a_at, b_at = int(offsets[a_name]), int(offsets[b_name])
         a = flat[a_at : a_at + rank * d_in].reshape(rank, d_in).astype(np.float64)
         b = flat[b_at : b_at + d_out * rank].reshape(d_out, rank).astype(np.float64)
+        if not b.any():  # B·A = 0 (a pair not trained yet): no basis to follow, A stays
+            continue
         u, sigma, vt = np.linalg.svd(b @ a, full_matrices=False)  # (d_out,k) (k,) (k,d_in)
         new_a = vt[:rank]
         new_b = u[:, :rank] * sigma[:rank]
