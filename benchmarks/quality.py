@@ -366,7 +366,7 @@ def run_federation(
         "accuracy_without_lora": head_only.accuracy,
         "loss": result.loss,
         "epsilon_spent": max(epsilons) if epsilons else None,
-        "rounds_updated": sum(bool(r["updated"]) for r in rows),
+        "rounds_updated": sum(r.updated for r in rows),
         "seconds": seconds,
     }
 
