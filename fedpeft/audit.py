@@ -263,6 +263,12 @@ def _check_request(
             "per-sample gradients Dirac canaries replace; use privacy.clipping=hooks (or "
             "functorch) or --kind input"
         )
+    if config.privacy.automatic_clipping is not None:
+        problems.append(
+            f"privacy.automatic_clipping={config.privacy.automatic_clipping}: the audit trains "
+            "with Opacus's clipping only, so its bound would not be of this training; audit "
+            "with privacy.automatic_clipping=null (σ and ε are the same)"
+        )
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         problems.append(
             f"--out {run_dir}: exists and is not an empty folder; an audit needs a fresh ledger, "

@@ -237,6 +237,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: Accountant = Accountant.prv
     clipping: Clipping = Clipping.hooks
+    # γ > 0: automatic clipping (Bu et al. 2022), each per-example gradient scaled by
+    # C/(‖g‖+γ) rather than clipped to norm C; same sensitivity, same σ and ε. null: Opacus's.
+    automatic_clipping: float | None = None
     noise_multiplier: float | None = None
     ledger_dir: str | None = None
 
@@ -585,6 +588,16 @@ def _problems(config: FedPeftConfig) -> list[str]:
         (
             config.privacy.max_grad_norm > 0,
             f"privacy.max_grad_norm={config.privacy.max_grad_norm}: must be > 0",
+        ),
+        (
+            config.privacy.automatic_clipping is None or config.privacy.automatic_clipping > 0,
+            f"privacy.automatic_clipping={config.privacy.automatic_clipping}: must be > 0 (γ "
+            "of C/(‖g‖+γ); Bu et al. use 0.01) or null for Opacus's clipping",
+        ),
+        (
+            config.privacy.automatic_clipping is None or config.privacy.clipping != "ghost",
+            "privacy.automatic_clipping with privacy.clipping=ghost: ghost clipping computes "
+            "its scale inside Opacus; use privacy.clipping=hooks",
         ),
         (
             config.privacy.noise_multiplier is None or config.privacy.noise_multiplier >= 0,

@@ -469,7 +469,13 @@ def _guarantee(run: RunFiles) -> str:
         ["δ (target; a deployed site accounts at its own node privacy-delta)", p.delta],
         ["ε target (each site's ceiling is the lower of it and its node ceiling)", p.epsilon],
         ["clip norm C", p.max_grad_norm],
-        ["clipping", p.clipping],
+        [
+            "clipping",
+            p.clipping
+            if p.automatic_clipping is None
+            else f"{p.clipping}; automatic: each gradient scaled by C/(‖g‖+γ), "
+            f"γ = {p.automatic_clipping:g} (Bu et al. 2022), sensitivity still C",
+        ],
         ["noise multiplier σ (as reported by sites)", listed(sigmas, "not reported yet")],
         ["sampling rate q (as reported)", listed(rates, "not reported yet")],
         ["noisy steps per ledger (as reported)", listed(steps, "not reported yet")],

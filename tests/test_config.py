@@ -209,3 +209,11 @@ def test_checking_a_configuration_loads_no_model_or_server_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert loaded.strip() == "['fedpeft', 'fedpeft.config', 'fedpeft.constants', 'fedpeft.names']"
+
+
+def test_automatic_clipping_needs_a_positive_gamma_and_per_sample_gradients() -> None:
+    assert compose_config(["privacy.automatic_clipping=0.01"]).privacy.automatic_clipping == 0.01
+    with pytest.raises(ConfigError, match=r"privacy.automatic_clipping=0.0: must be > 0"):
+        compose_config(["privacy.automatic_clipping=0"])
+    with pytest.raises(ConfigError, match="ghost clipping computes its scale inside Opacus"):
+        compose_config(["privacy.automatic_clipping=0.01", "privacy.clipping=ghost"])

@@ -92,11 +92,16 @@ class SiteBudget:
     max_grad_norm: float
     clipping: str
     secret: bytes
+    automatic_clipping: float | None = None
 
     @property
     def dp(self) -> DPSettings:
         return DPSettings(
-            self.noise_multiplier, self.max_grad_norm, self.clipping, self.sample_rate
+            self.noise_multiplier,
+            self.max_grad_norm,
+            self.clipping,
+            self.sample_rate,
+            self.automatic_clipping,
         )
 
     def settings(self) -> dict[str, object]:
@@ -109,6 +114,12 @@ class SiteBudget:
             "clipping": self.clipping,
             "delta": self.delta,
             "accountant": self.ledger.accountant,
+            # only when set, so that the bindings of Opacus's clipping stay as they were
+            **(
+                {"automatic_clipping": self.automatic_clipping}
+                if self.automatic_clipping is not None
+                else {}
+            ),
         }
 
     def charge(self, *, run_id: str, round_number: int, binding: str) -> None:
@@ -366,6 +377,7 @@ def site_budget(
         max_grad_norm=config.privacy.max_grad_norm,
         clipping=config.privacy.clipping,
         secret=site_secret(path),
+        automatic_clipping=config.privacy.automatic_clipping,
     )
     _PLANS[key] = site
     return site

@@ -160,6 +160,7 @@ class DPSettings:
     max_grad_norm: float
     clipping: str = "hooks"
     sample_rate: float | None = None
+    automatic_clipping: float | None = None  # γ of C/(‖g‖+γ); None: Opacus's clipping
 
 
 def private_backward(
@@ -250,6 +251,7 @@ def train_local(
             max_steps=config.local_steps,
             sample_rate=dp.sample_rate,
             noise_key=noise_key,
+            automatic_clipping=dp.automatic_clipping,
         ) as session:
             while session.steps < config.local_steps:
                 for batch in session.data_loader:

@@ -210,8 +210,24 @@ def _check_settings(
     max_steps: int | None,
     noise_key: object,
     sample_rate: object,
+    automatic_clipping: object = None,
 ) -> None:
     problems = []
+    if automatic_clipping is not None and not (
+        isinstance(automatic_clipping, (int, float))
+        and not isinstance(automatic_clipping, bool)
+        and math.isfinite(automatic_clipping)
+        and automatic_clipping > 0
+    ):
+        problems.append(
+            f"automatic_clipping={automatic_clipping!r} must be None (Opacus's clipping) or "
+            "γ > 0, the stability constant of C/(‖g‖+γ) (Bu et al. use 0.01)"
+        )
+    if automatic_clipping is not None and grad_sample_mode == Clipping.ghost:
+        problems.append(
+            "automatic_clipping with grad_sample_mode='ghost': ghost clipping computes its "
+            "scale inside Opacus's module, which this module does not replace; use 'hooks'"
+        )
     if not (
         _is_number(noise_multiplier) and math.isfinite(noise_multiplier) and noise_multiplier >= 0
     ):
@@ -460,6 +476,34 @@ class PoissonDataLoader(DataLoader[object]):
             persistent_workers=data_loader.persistent_workers,
         )
         self.sample_rate = sampler.sample_rate
+
+
+def _normalize_and_accumulate(optimizer: DPOptimizer, gamma: float) -> None:
+    """Opacus' ``clip_and_accumulate`` with automatic clipping (Bu et al., 2022).
+
+    A copy of ``DPOptimizer.clip_and_accumulate`` whose per-example factor is
+    ``C / (‖g‖ + γ)`` instead of ``min(1, C / (‖g‖ + 1e-6))``: every example's gradient is
+    scaled to norm ``C·‖g‖/(‖g‖+γ) < C``, so the sensitivity of the sum is still C and the
+    noise and accounting stay as they are; small gradients are scaled up instead of kept, which
+    keeps the direction of every example and removes the choice of C (any C is a learning
+    rate). Bound per optimizer, as :func:`_add_keyed_noise` is.
+    """
+    if len(optimizer.grad_samples[0]) == 0:
+        factor = torch.zeros((0,), device=optimizer.grad_samples[0].device)
+    else:
+        norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in optimizer.grad_samples]
+        device = norms[0].device
+        per_example = torch.stack([n.to(device) for n in norms], dim=1).norm(2, dim=1)
+        factor = optimizer.max_grad_norm / (per_example + gamma)
+    for p in optimizer.params:
+        _check_processed_flag(p.grad_sample)
+        grad_sample = optimizer._get_flat_grad_sample(p).to(p.dtype)
+        grad = torch.einsum("i,i...", factor.to(grad_sample.device).to(p.dtype), grad_sample)
+        if p.summed_grad is not None:
+            p.summed_grad += grad
+        else:
+            p.summed_grad = grad
+        _mark_as_processed(p.grad_sample)
 
 
 def _add_keyed_noise(optimizer: DPOptimizer, stream: KeyedStream) -> None:
@@ -759,6 +803,7 @@ def make_private(
     max_steps: int | None = None,
     noise_key: bytes | None = None,
     sample_rate: float | None = None,
+    automatic_clipping: float | None = None,
 ) -> DPSession:
     """Prepare one round of DP-SGD on a peft model's trainable (adapter) parameters.
 
@@ -808,6 +853,10 @@ def make_private(
     sample_rate : float, optional
         Poisson rate q in (0, 1]: each example joins each batch independently with
         probability q. Omitted: ``poisson_sample_rate(data_loader)`` = ``1/len(data_loader)``.
+    automatic_clipping : float, optional
+        γ > 0: scale every per-example gradient by ``C/(‖g‖+γ)`` (automatic clipping, Bu et
+        al. 2022) instead of clipping it to norm C; the sensitivity stays C, so σ and ε do not
+        change. Hooks and functorch modes only. Omitted: Opacus's clipping.
 
     Returns
     -------
@@ -855,6 +904,7 @@ def make_private(
         max_steps=max_steps,
         noise_key=noise_key,
         sample_rate=sample_rate,
+        automatic_clipping=automatic_clipping,
     )
     problems = find_dp_problems(module, optimizer=optimizer, data_loader=data_loader)
     if problems:
@@ -901,6 +951,10 @@ def make_private(
     dp_optimizer.expected_batch_size = expected_batch_size
     # An instance attribute shadows the class's add_noise; pre_step calls self.add_noise().
     dp_optimizer.add_noise = partial(_add_keyed_noise, dp_optimizer, noise_stream)
+    if automatic_clipping is not None:  # pre_step calls self.clip_and_accumulate() likewise
+        dp_optimizer.clip_and_accumulate = partial(
+            _normalize_and_accumulate, dp_optimizer, float(automatic_clipping)
+        )
     return DPSession(
         module=module,
         hooks=hooks,

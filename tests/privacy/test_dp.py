@@ -163,6 +163,55 @@ def test_clipped_step_matches_reference(tiny: SimpleNamespace, kind: str, mode: 
     session.close()
 
 
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_automatic_clipping_scales_every_example_by_c_over_its_norm_plus_gamma(
+    tiny: SimpleNamespace, mode: str
+) -> None:
+    """Noise-free step = -lr · Σ_i C·g_i/(‖g_i‖+γ) / E: small gradients scaled up, large ones
+    down, every contribution of norm below C (the sensitivity the accounting assumes)."""
+    model, batch = _model_and_batch(tiny, "bert")
+    reference = tiny.reference_grads(model, batch)
+    norms = tiny.per_example_norms(reference)
+    clip, gamma = float(norms.median()), 0.01
+    factor = clip / (norms + gamma)
+    assert (factor > 1).any() and (factor < 1).any()
+    assert (norms * factor < clip).all()
+    expected = {
+        n: torch.einsum("i,i...", factor.to(g.dtype), g).to(g.dtype) for n, g in reference.items()
+    }
+    session = _private(
+        model,
+        _loader_over(batch),
+        grad_sample_mode=mode,
+        max_grad_norm=clip,
+        lr=1.0,
+        automatic_clipping=gamma,
+    )
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    session.backward(tiny.losses_of(session.module, batch))
+    session.optimizer.step()
+    for name, p in _trainable(model).items():
+        torch.testing.assert_close(
+            before[name] - p.detach(),
+            expected[name] / batch.size,
+            **_tolerance("bert", expected[name] / batch.size),
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+    session.close()
+
+
+def test_automatic_clipping_is_refused_in_ghost_mode_and_without_a_positive_gamma(
+    tiny: SimpleNamespace,
+) -> None:
+    model, batch = _model_and_batch(tiny, "bert")
+    with pytest.raises(
+        PrivacyConfigError, match="automatic_clipping with grad_sample_mode='ghost'"
+    ):
+        _private(model, _loader_over(batch), grad_sample_mode="ghost", automatic_clipping=0.01)
+    with pytest.raises(PrivacyConfigError, match=r"automatic_clipping=0 must be None"):
+        _private(model, _loader_over(batch), automatic_clipping=0)
+
+
 # ---------------------------------------------------------------------------- (b), (c)
 
 
