@@ -12,7 +12,8 @@ held-out set:
 - probe: logistic regression on the frozen base encoder's features of the training pool,
   fitted to convergence (non-private) — what any run whose LoRA update adds nothing approaches;
 - fedavg, ffa, fedsvd without DP and with DP-SGD at every site at each ε of ``--epsilons``
-  (δ = 1/(10·N) per site, the calibrated noise spending the whole ε over the run).
+  (δ and the sampling rate q as configured, 1e-5 and 0.03 by default; the calibrated noise
+  spending the whole ε over the run).
 
 With ``--seeds K`` every configuration runs once per training seed (the data split stays);
 the runs of one seed share their sites' DP randomness (:func:`paired_secret`), so the report's
@@ -504,7 +505,7 @@ def run(setting: Setting, *, work: Path) -> dict[str, Any]:
             "lr": config.train.lr,
             "lora_r": config.lora.r,
             "epsilons": list(setting.epsilons),
-            "delta": "1/(10·N) per site",
+            "delta": config.privacy.delta,
             "accountant": config.privacy.accountant,
             "max_grad_norm": config.privacy.max_grad_norm,
             "overrides": list(setting.overrides),

@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks import (
     communication,
     deployment_latency,
+    dp_choices,
     dp_throughput,
     instruct,
     quality,
@@ -105,6 +106,8 @@ def write_report(results: Path, readme: Path) -> list[Path]:
     for stem in sweeps(results):
         if report := load(results, stem):
             lines += quality.section(report, results, readme, stem)
+    if report := load(results, "dp_choices"):
+        lines += dp_choices.section(report)
     if report := load(results, "deployment_latency"):
         lines += deployment_latency.section(report)
     readme.parent.mkdir(parents=True, exist_ok=True)

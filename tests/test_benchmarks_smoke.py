@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,3 +254,48 @@ def test_dp_throughput_measures_bare_opacus_beside_ours_in_rotating_order(
     assert set(report["site_setup_seconds"]) == {"calibration", "ledger_charge"}
     for name in names:  # per example actually processed: the counts are the forward passes'
         assert all(n > 0 for n in report["examples_seen"][name])
+
+
+@pytest.mark.slow
+def test_dp_choices_pairs_dp_with_no_dp_by_seed_and_renders_its_section(tmp_path: Path) -> None:
+    run_script(
+        "dp_choices",
+        "--quick",
+        "--seeds",
+        "2",
+        "--settings",
+        "large",
+        "--choice",
+        "lora.r=1 train.trainable=[head,lora]",
+        "--out",
+        str(tmp_path),
+    )
+    report = load(tmp_path / "dp_choices.json")
+    assert list(report["settings"]) == ["large"] and report["setting"]["seeds"] == [0, 1]
+    large = report["settings"]["large"]
+    assert len(large["runs"]) == 2 * 3 * 2  # strategies × kinds × seeds
+    for strategy in ("fedavg", "ffa"):
+        by_kind = large["figures"][strategy]
+        plain = [large["runs"][f"{strategy}-no_dp@{s}"]["accuracy"] for s in (0, 1)]
+        for kind in ("no_dp", "dp", "dp_choice"):
+            runs = [large["runs"][f"{strategy}-{kind}@{s}"] for s in (0, 1)]
+            figure = by_kind[kind]
+            assert figure["accuracy"]["per_seed"] == [round(r["accuracy"], 4) for r in runs]
+            ratios = [r["accuracy"] / p for r, p in zip(runs, plain, strict=True)]
+            assert figure["of_no_dp"]["mean"] == pytest.approx(np.mean(ratios), abs=1e-4)
+            gains = [r["accuracy"] - r["accuracy_without_lora"] for r in runs]
+            assert figure["lora_gain"]["per_seed"] == [round(g, 4) for g in gains]
+            assert figure["lora_gain"]["min"] == round(min(gains), 4)
+        assert by_kind["dp"]["accuracy"]["per_seed"] != by_kind["no_dp"]["accuracy"]["per_seed"]
+    every_seed = report["targets"]["large_dp_choice_lora_gain_every_seed"]
+    assert set(every_seed) == {"fedavg", "ffa"}
+    for strategy, met in every_seed.items():
+        assert met == all(
+            g > 0 for g in large["figures"][strategy]["dp_choice"]["lora_gain"]["per_seed"]
+        )
+    from benchmarks.dp_choices import section
+
+    text = "\n".join(section(report))
+    assert text.startswith("## DP training choices (`dp_choices.py`)")
+    assert "Choice: `lora.r=1 train.trainable=[head,lora]`" in text
+    assert text.count("| ffa | DP, the choice |") == 1
