@@ -28,6 +28,7 @@ SuperLink (``[tool.flwr.federations]`` in ``pyproject.toml``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -373,6 +374,31 @@ def simulation_env(config: FedPeftConfig) -> dict[str, str]:
 _ERROR_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Aborted)): (.+)$")
 
 
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__()
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(self.format(record))
+
+
+@contextmanager
+def transformers_log(into: list[str]) -> Iterator[None]:
+    """transformers' log records of this block (a model's load report), kept in ``into`` for
+    log.txt instead of printed on the console; its own handler is back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    handler = _Collect(into)
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(handler)
+    try:
+        yield
+    finally:
+        hf_logging.remove_handler(handler)
+        hf_logging.enable_default_handler()
+
+
 def last_error(log_path: Path) -> str | None:
     """The last ``SomeError: message`` line of a log (a ServerApp's exception), if any."""
     found = None
@@ -425,7 +451,9 @@ def simulate(
     # the rest (recorded here, in this call only: no process-wide filter is changed).
     failed: BaseException | None = None
     advice: list[str] = []  # what fedpeft.plan says of the DP noise at these sites
-    with warnings.catch_warnings(record=True) as warned:
+    logged: list[str] = []  # what transformers logs while the plan builds the model
+    quiet = transformers_log(logged) if check else nullcontext()
+    with warnings.catch_warnings(record=True) as warned, quiet:
         warnings.simplefilter("default")  # Python's own: each warning once per location
         try:
             if check:  # before a process, the run directory or a model is touched
@@ -439,6 +467,8 @@ def simulate(
     if failed is not None:
         for w in warned:  # no log to move them to: shown as Python would have shown them
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        for text in logged:
+            print(text, file=sys.stderr)
         raise failed
     shown = console if console is not None else Console()
     events = out / EVENTS_FILE
@@ -447,6 +477,9 @@ def simulate(
     for w in warned:
         text = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
         for line in text.rstrip("\n").splitlines():
+            log.write("fedpeft", line)
+    for text in logged:
+        for line in text.splitlines():
             log.write("fedpeft", line)
     try:
         shown.notices(config, log_dir=out)

@@ -22,7 +22,7 @@ from fedpeft.config import ConfigError, compose_config
 from fedpeft.console import PLAIN_EVERY_S, Console, shown_path
 from fedpeft.server.progress import round_line
 from fedpeft.server.rounds import RoundRecord
-from fedpeft.simulation import APP_DIR, RunLog, last_error, write_flower_app
+from fedpeft.simulation import APP_DIR, RunLog, last_error, transformers_log, write_flower_app
 from fedpeft.testing import offline_env, round_record
 
 BIN = Path(sys.executable).parent
@@ -129,6 +129,27 @@ def test_paths_are_shown_relative_to_the_working_folder_when_inside_it(
         log_dir=inside / "runs" / "r1",
     )
     assert "output goes to runs/r1/log.txt (" in out.getvalue()
+
+
+def test_transformers_log_records_go_to_a_list_not_the_console() -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    library = logging.getLogger("transformers")
+    before = list(library.handlers)
+    logged: list[str] = []
+    with transformers_log(logged):
+        inside = list(library.handlers)
+        logger.warning("BertModel LOAD REPORT from: /somewhere")  # what from_pretrained logs
+    assert logged == ["BertModel LOAD REPORT from: /somewhere"]
+
+    def console(handlers: list[logging.Handler]) -> list[logging.Handler]:
+        return [h for h in handlers if type(h) is logging.StreamHandler]  # transformers' own
+
+    assert console(before) and not console(inside)  # its console handler was off meanwhile
+    assert set(library.handlers) == set(before)  # and is back
 
 
 def test_only_whole_lines_are_read_and_the_rest_waits(tmp_path: Path) -> None:
