@@ -116,7 +116,8 @@ def _plan(args: argparse.Namespace) -> int:
         gain = (now.noise_multiplier / now.sample_rate) / (sigma / q)
         print(
             f"\nrecommended: privacy.sample_rate={q:g} (σ = {sigma:.3f}); it lowers ρ at every "
-            f"site {gain:.2g}× (σ/q {now.noise_multiplier / now.sample_rate:.3g} → {sigma / q:.3g})"
+            f"site {gain:.2g}× (σ/q {now.noise_multiplier / now.sample_rate:.3g} → "
+            f"{sigma / q:.3g}); each step then trains on {q / now.sample_rate:.3g}× the examples"
         )
     else:
         print(f"\nprivacy.sample_rate={q:g} already has the smallest σ/q of the rates tried")
