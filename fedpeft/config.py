@@ -171,8 +171,8 @@ class TrainConfig:
     # torch threads per site process; 0 keeps torch's default.
     num_threads: int = 0
     # What each round trains, the last entry repeating: [head, lora] trains the classifier
-    # head alone in round 1 (under DP its clipping budget is not spent on LoRA coordinates
-    # that start at zero), then LoRA with the head. Classification only for head.
+    # head alone in round 1 (under DP it gets the whole clipping budget, as a linear probe
+    # before fine-tuning), then LoRA with the head. Head rounds come first; classification.
     trainable: list[Trainable] = field(default_factory=lambda: [Trainable.lora])
 
 
@@ -482,6 +482,20 @@ def _problems(config: FedPeftConfig) -> list[str]:
             "train.trainable=[head,lora] (the last entry repeats)",
         ),
         (
+            Trainable.head not in t.trainable[t.trainable.index(Trainable.lora) :]
+            if Trainable.lora in t.trainable
+            else True,
+            f"train.trainable={[str(x) for x in t.trainable]}: head rounds come first (a head "
+            "round after a LoRA round would move LoRA by a server optimiser's momentum); e.g. "
+            "train.trainable=[head,head,lora]",
+        ),
+        (
+            Trainable.head not in t.trainable or not config.secagg.mixed_ranks,
+            f"train.trainable={[str(x) for x in t.trainable]} with secagg.mixed_ranks=true: a "
+            "head round has no LoRA rank slots to count; use train.trainable=[lora] or "
+            "secagg.mixed_ranks=false",
+        ),
+        (
             Trainable.head not in t.trainable or m.task == "classification",
             f"train.trainable={[str(x) for x in t.trainable]} with model.task={m.task!r}: a "
             "causal LM has no classifier head to train alone; use train.trainable=[lora]",
@@ -590,9 +604,10 @@ def _problems(config: FedPeftConfig) -> list[str]:
             f"privacy.max_grad_norm={config.privacy.max_grad_norm}: must be > 0",
         ),
         (
-            config.privacy.automatic_clipping is None or config.privacy.automatic_clipping > 0,
-            f"privacy.automatic_clipping={config.privacy.automatic_clipping}: must be > 0 (γ "
-            "of C/(‖g‖+γ); Bu et al. use 0.01) or null for Opacus's clipping",
+            config.privacy.automatic_clipping is None
+            or 1e-6 <= config.privacy.automatic_clipping < float("inf"),
+            f"privacy.automatic_clipping={config.privacy.automatic_clipping}: must be a number "
+            "in [1e-6, ∞) (γ of C/(‖g‖+γ); Bu et al. use 0.01) or null for Opacus's clipping",
         ),
         (
             config.privacy.automatic_clipping is None or config.privacy.clipping != "ghost",

@@ -135,5 +135,5 @@ class Clipping(_Name):
 class Trainable(_Name):
     """An entry of ``train.trainable``: what the sites train in a round."""
 
-    head = auto()  # the classifier head alone (LoRA's B is still zero: nothing to learn yet)
+    head = auto()  # the classifier head alone: under DP it gets the whole clipping budget
     lora = auto()  # LoRA's trained factors (as the strategy names them) and the head

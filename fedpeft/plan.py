@@ -59,7 +59,7 @@ __all__ = [
 
 #: ρ above which a group of coordinates is said not to learn (the noise of one step is
 #: larger than the largest per-coordinate signal its batch can carry).
-LIMIT = 1.0
+RHO_LIMIT = 1.0
 #: Sampling rates :func:`best_sample_rate` tries (the federation's q is one for every site).
 CANDIDATE_RATES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -81,7 +81,7 @@ class CoordinateGroup:
 
     @property
     def learns(self) -> bool:
-        return self.noise_to_signal <= LIMIT
+        return self.noise_to_signal <= RHO_LIMIT
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ def trained_coordinates(config: FedPeftConfig) -> dict[str, int]:
     import torch
 
     from fedpeft.model import build_model, is_head
+    from fedpeft.names import Trainable
     from fedpeft.server.strategies import make_strategy
 
     loaded = build_model(config.model, config.lora, seed=config.seed, device=torch.device("cpu"))
@@ -139,6 +140,8 @@ def trained_coordinates(config: FedPeftConfig) -> dict[str, int]:
     counts = {"LoRA": 0, "head": 0}
     for name, shape in zip(layout.names, layout.shapes, strict=True):
         counts["head" if is_head(name) else "LoRA"] += math.prod(shape)
+    if Trainable.lora not in config.train.trainable:  # a schedule of head rounds only
+        counts["LoRA"] = 0
     return counts
 
 
@@ -275,7 +278,7 @@ def warnings_for(plans: Sequence[SitePlan]) -> list[str]:
     stuck = [p for p in plans if any(g.name == "LoRA" and not g.learns for g in p.groups)]
     if not stuck:
         return []
-    worst = max(stuck, key=lambda p: max(g.noise_to_signal for g in p.groups))
+    worst = max(stuck, key=lambda p: max(g.noise_to_signal for g in p.groups if g.name == "LoRA"))
     return [
         f"{len(stuck)} of {len(plans)} site(s) train LoRA under more DP noise than any "
         f"per-coordinate signal ('fedpeft plan' with the same overrides shows every site); "

@@ -250,7 +250,7 @@ def test_a_head_round_trains_the_head_alone_and_leaves_lora_at_its_start(
         for m in grid.received
         if K.LAYOUT in m.content.config_records
     }
-    assert all(".modules_to_save." in n for n in sent["1"])
+    assert sent["1"] and all(".modules_to_save." in n for n in sent["1"])
     federation.train_round(2, [11, 22, 33])
     sent = {
         m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
@@ -268,3 +268,10 @@ def test_a_schedule_is_checked(cls_csv: Path) -> None:
         tiny_config("classification", cls_csv, "train.trainable=[]")
     with pytest.raises(ConfigError, match="a causal LM has no classifier head"):
         tiny_config("causal_lm", cls_csv, "train.trainable=[head,lora]")
+    # FedAdam's momentum would move LoRA in a head round after a LoRA round
+    with pytest.raises(ConfigError, match="head rounds come first"):
+        tiny_config("classification", cls_csv, "train.trainable=[lora,head]")
+    with pytest.raises(ConfigError, match="a head round has no LoRA rank slots"):
+        tiny_config(
+            "classification", cls_csv, "train.trainable=[head,lora]", "secagg.mixed_ranks=true"
+        )

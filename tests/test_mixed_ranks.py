@@ -290,3 +290,20 @@ def test_server_rejects_a_rank_the_delta_contradicts(plain_round: Round) -> None
     with pytest.raises(ReplyRejected, match=r"lora-rank=9 is not an int in \[1, 8\]"):
         reported_rank(reply, checked, trained)
     reply.content.metric_records[K.METRICS][K.MET_LORA_RANK] = 2
+
+
+def test_a_head_round_of_sites_of_lower_rank_is_aggregated(tmp_path: Path) -> None:
+    # a head round trains no LoRA rank slot: the ranks the sites report do not apply
+    config = tiny_config(
+        "classification",
+        tmp_path / "unused.csv",
+        "lora.r=8",
+        "strategy=fedavg",
+        "federation.rounds=2",
+        "train.trainable=[head,lora]",
+    )
+    grid = InProcessGrid(make_client_app(config), _node_configs(tmp_path))
+    Federation(grid, config, RunDir(tmp_path / "run"), Progress()).run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["updated"] for r in rows] == [True, True]
+    assert all(r["sites_replied"] == 3 and r["sites_failed"] == 0 for r in rows)

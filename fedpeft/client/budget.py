@@ -114,12 +114,7 @@ class SiteBudget:
             "clipping": self.clipping,
             "delta": self.delta,
             "accountant": self.ledger.accountant,
-            # only when set, so that the bindings of Opacus's clipping stay as they were
-            **(
-                {"automatic_clipping": self.automatic_clipping}
-                if self.automatic_clipping is not None
-                else {}
-            ),
+            "automatic_clipping": self.automatic_clipping,
         }
 
     def charge(self, *, run_id: str, round_number: int, binding: str) -> None:

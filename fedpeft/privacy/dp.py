@@ -42,6 +42,10 @@ installed, so the engine runs with ``secure_mode=False`` and two of its pieces a
   ``_generate_noise`` with a torch generator; both classes' ``pre_step`` call
   ``self.add_noise()`` between clipping (or ghost accumulation) and ``scale_grad``, so
   clipping, scaling, the step hook and empty batches are untouched;
+- clipping, only with ``automatic_clipping`` (hooks and functorch modes): the instance's
+  ``clip_and_accumulate`` is a copy of Opacus' whose per-example factor is C/(‖g‖+γ)
+  (automatic clipping, Bu et al. 2022) instead of min(1, C/‖g‖), 0 for a zero gradient;
+  Opacus has no such option, and the copy keeps every other line of its accumulation;
 - sampling: ``PrivacyEngine.make_private(poisson_sampling=True)`` still builds its
   ``DPDataLoader`` (and forbids gradient accumulation), but that loader is discarded without
   ever being iterated, so its torch generator draws nothing; :attr:`DPSession.data_loader` is a
@@ -120,6 +124,8 @@ __all__ = [
 GradSampleMode = Clipping
 _MODES: tuple[str, ...] = tuple(c.value for c in Clipping)
 _REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+#: Smallest γ of automatic clipping: C/(‖g‖+γ) stays far from float32's overflow for any C.
+AUTOMATIC_CLIPPING_MIN = 1e-6
 
 # Attributes Opacus puts on parameters and submodules; close() removes any that remain.
 _PARAM_ATTRS = (
@@ -217,11 +223,12 @@ def _check_settings(
         isinstance(automatic_clipping, (int, float))
         and not isinstance(automatic_clipping, bool)
         and math.isfinite(automatic_clipping)
-        and automatic_clipping > 0
+        and automatic_clipping >= AUTOMATIC_CLIPPING_MIN
     ):
         problems.append(
             f"automatic_clipping={automatic_clipping!r} must be None (Opacus's clipping) or "
-            "γ > 0, the stability constant of C/(‖g‖+γ) (Bu et al. use 0.01)"
+            f"γ in [{AUTOMATIC_CLIPPING_MIN:g}, ∞), the stability constant of C/(‖g‖+γ) (Bu et "
+            "al. use 0.01)"
         )
     if automatic_clipping is not None and grad_sample_mode == Clipping.ghost:
         problems.append(
@@ -494,7 +501,13 @@ def _normalize_and_accumulate(optimizer: DPOptimizer, gamma: float) -> None:
         norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in optimizer.grad_samples]
         device = norms[0].device
         per_example = torch.stack([n.to(device) for n in norms], dim=1).norm(2, dim=1)
-        factor = optimizer.max_grad_norm / (per_example + gamma)
+        # a zero gradient (an example zeroed as non-finite, a saturated softmax) contributes
+        # nothing whatever its factor; its factor is 0, so C/γ can never reach inf · 0 = NaN
+        factor = torch.where(
+            per_example > 0,
+            optimizer.max_grad_norm / (per_example + gamma),
+            torch.zeros_like(per_example),
+        )
     for p in optimizer.params:
         _check_processed_flag(p.grad_sample)
         grad_sample = optimizer._get_flat_grad_sample(p).to(p.dtype)

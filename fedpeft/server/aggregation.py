@@ -235,7 +235,7 @@ def reported_rank(reply: Message, checked: TrainReply, trained: AdapterLayout) -
     """
     full = layout_rank(trained)
     figures = site_figures(reply)
-    if K.MET_LORA_RANK not in figures:
+    if K.MET_LORA_RANK not in figures or full == 0:  # 0: a round of the head alone
         return full
     rank = figures[K.MET_LORA_RANK]
     if not isinstance(rank, int) or not 1 <= rank <= full:

@@ -75,23 +75,24 @@ class Strategy(ABC):
 
     def _scatter(self, mean_delta: FloatArray) -> FloatArray:
         """``mean_delta`` (trained layout) placed into a zero vector of the full layout."""
-        full = np.zeros(self.layout.size, dtype=np.float32)
-        trained = set(self.trained_names())
-        offset_full = offset_delta = 0
-        for name, numel in zip(self.layout.names, self.layout.numels, strict=True):
-            if name in trained:
-                full[offset_full : offset_full + numel] = mean_delta[
-                    offset_delta : offset_delta + numel
-                ]
-                offset_delta += numel
-            offset_full += numel
-        return full
+        return widen(mean_delta, self.trained_layout(), self.layout)
 
 
 def widen(delta: FloatArray, part: AdapterLayout, whole: AdapterLayout) -> FloatArray:
-    """``delta`` laid out as ``part`` (a subset of ``whole``), zeros for the rest of ``whole``."""
+    """``delta`` laid out as ``part`` (a subset of ``whole``), zeros for the rest of ``whole``.
+
+    Raises
+    ------
+    ValueError
+        If ``delta`` is not of ``part``'s size, or ``part`` names a tensor ``whole`` lacks.
+    """
+    if delta.shape != (part.size,):
+        raise ValueError(f"delta of shape {delta.shape} is not laid out as ({part.size},)")
+    stray = sorted(set(part.names) - set(whole.names))
+    if stray:
+        raise ValueError(f"{len(stray)} tensor(s) are not in the adapter: {stray[:3]}")
     if part.names == whole.names:
-        return delta
+        return delta.astype(np.float32, copy=False)
     at = dict(zip(part.names, np.cumsum((0,) + part.numels[:-1]), strict=True))
     out = np.zeros(whole.size, dtype=np.float32)
     offset = 0

@@ -208,8 +208,32 @@ def test_automatic_clipping_is_refused_in_ghost_mode_and_without_a_positive_gamm
         PrivacyConfigError, match="automatic_clipping with grad_sample_mode='ghost'"
     ):
         _private(model, _loader_over(batch), grad_sample_mode="ghost", automatic_clipping=0.01)
-    with pytest.raises(PrivacyConfigError, match=r"automatic_clipping=0 must be None"):
-        _private(model, _loader_over(batch), automatic_clipping=0)
+    for bad in (0, 1e-7, math.inf):
+        with pytest.raises(PrivacyConfigError, match=r"must be None \(Opacus's clipping\) or"):
+            _private(model, _loader_over(batch), automatic_clipping=bad)
+
+
+def test_automatic_clipping_gives_a_zero_gradient_example_nothing(tiny: SimpleNamespace) -> None:
+    """An example with no gradient (here: its label ignored) adds exactly 0, not C/γ · 0."""
+    model, batch = _model_and_batch(tiny, "bert")
+    batch.labels[1] = -100  # per_example_loss gives it a loss of 0: a zero gradient
+    reference = tiny.reference_grads(model, batch)
+    norms = tiny.per_example_norms(reference)
+    assert norms[1] == 0 and (norms[[0, 2, 3, 4]] > 0).all()
+    clip, gamma = 1e3, 1e-6  # the largest factor the floor on γ allows for a zero norm
+    factor = torch.where(norms > 0, clip / (norms + gamma), torch.zeros_like(norms))
+    expected = {n: torch.einsum("i,i...", factor.to(g.dtype), g) for n, g in reference.items()}
+    session = _private(
+        model, _loader_over(batch), max_grad_norm=clip, lr=1.0, automatic_clipping=gamma
+    )
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    session.backward(tiny.losses_of(session.module, batch))
+    session.optimizer.step()
+    for name, p in _trainable(model).items():
+        moved = before[name] - p.detach()
+        assert torch.isfinite(moved).all(), name
+        torch.testing.assert_close(moved, expected[name] / batch.size, rtol=1e-7, atol=1e-9)
+    session.close()
 
 
 # ---------------------------------------------------------------------------- (b), (c)
