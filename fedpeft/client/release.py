@@ -194,6 +194,15 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
     instructions = msg.content.config_records[K.CONFIG]
     round_number = _round(msg)
     trained_names = [str(n) for n in instructions[K.CFG_TRAIN_NAMES]]  # type: ignore[union-attr]
+    unknown = sorted(set(trained_names) - set(site.global_layout.names))
+    if not trained_names or unknown:  # refused before anything is charged
+        raise SiteRefusal(
+            K.ERR_BAD_INSTRUCTION,
+            f"the instruction names {len(unknown)} tensor(s) this site's adapter lacks "
+            f"({unknown[:3]})"
+            if unknown
+            else "the instruction names no tensor to train",
+        )
     run_id = ledger_run_id(msg)
     require_privacy(config, site_rules(site.node_config))
     declaration = site_declaration(site.node_config)  # checked before anything is charged

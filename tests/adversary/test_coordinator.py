@@ -837,3 +837,25 @@ def test_a_secure_evaluation_carries_no_text(tmp_path: Path) -> None:
     assert update.metrics == {} and update.declaration == {}
     plain = _send(config, node, coordinator.evaluate(coordinator.start))
     assert plain.error.reason == _fixed(K.ERR_EVALUATION_REFUSED)
+
+
+@pytest.mark.parametrize("names", ["a tensor the adapter lacks", "no tensor at all"])
+def test_a_site_refuses_to_train_what_its_adapter_lacks_before_anything_is_charged(
+    tmp_path: Path, names: str
+) -> None:
+    config = _config(tmp_path)
+    coordinator = Coordinator(config)
+    trained = coordinator.trained
+    coordinator.trained = (
+        AdapterLayout(
+            names=(*trained.names, "base_model.model.bert.embeddings.word_embeddings.weight"),
+            shapes=(*trained.shapes, (64, 32)),
+        )
+        if names == "a tensor the adapter lacks"
+        else AdapterLayout(names=(), shapes=())
+    )
+    reply = _send(config, _node(tmp_path), coordinator.train())
+    assert reply.has_error()
+    assert reply.error.reason == _fixed(K.ERR_BAD_INSTRUCTION)
+    ledger = tmp_path / "ledger.json"
+    assert not ledger.exists() or _entries(tmp_path) == []  # the site's budget is untouched
