@@ -110,8 +110,12 @@ def _plan(args: argparse.Namespace) -> int:
         "per-coordinate signal (fedpeft.plan)"
     )
     print(table(plans))
-    q, sigma = best_sample_rate(config)
+    best = best_sample_rate(config)
     now = plans[0] if plans else None
+    if best is None:
+        print("\nno rate to recommend: privacy.noise_multiplier fixes σ (or none calibrates)")
+        return 0
+    q, sigma = best
     if now is not None and q != now.sample_rate:
         gain = (now.noise_multiplier / now.sample_rate) / (sigma / q)
         print(

@@ -229,24 +229,35 @@ def simulation_plans(config: FedPeftConfig, report: PreflightReport) -> list[Sit
 
 def best_sample_rate(
     config: FedPeftConfig, *, rates: Sequence[float] = CANDIDATE_RATES
-) -> tuple[float, float]:
-    """The rate among ``rates`` with the smallest σ/q (so the smallest ρ at every site), and
-    its σ, for this configuration's ε, δ, rounds and steps."""
+) -> tuple[float, float] | None:
+    """The rate among ``rates`` with the smallest σ/q (so the smallest ρ at every site of
+    the same δ), and its σ, for this configuration's ε, δ, rounds and steps; None when σ is
+    fixed (``privacy.noise_multiplier``) or no rate can be calibrated. With few steps σ/q
+    falls as q grows, so this is often the largest rate tried: each step then trains on
+    q·N examples (memory, time), and the noisy sum is still divided by train.batch_size."""
     from fedpeft.client.budget import calibrate_with_history
+    from fedpeft.privacy.errors import PrivacyError
 
     p, steps = config.privacy, config.federation.rounds * config.train.local_steps
+    if p.noise_multiplier is not None:
+        return None
     delta = p.delta if p.delta is not None else 1e-5
     found: list[tuple[float, float, float]] = []
     for q in rates:
-        sigma = calibrate_with_history(
-            prior=[],
-            target_epsilon=p.epsilon,
-            delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=p.accountant,
-        )
+        try:
+            sigma = calibrate_with_history(
+                prior=[],
+                target_epsilon=p.epsilon,
+                delta=delta,
+                sample_rate=q,
+                steps=steps,
+                accountant=p.accountant,
+            )
+        except PrivacyError:  # this rate cannot reach the target: not a candidate
+            continue
         found.append((sigma / q, q, sigma))
+    if not found:
+        return None
     _, q, sigma = min(found)
     return q, sigma
 

@@ -80,7 +80,9 @@ def test_epsilon_after_each_round_is_the_accountants_and_the_last_meets_the_targ
 def test_the_recommended_rate_has_the_smallest_sigma_over_q(cls_csv: Path) -> None:
     config = _config(cls_csv, "privacy.delta=1e-5", "privacy.accountant=rdp")
     rates = (0.02, 0.1, 0.5)
-    q, sigma = best_sample_rate(config, rates=rates)
+    best = best_sample_rate(config, rates=rates)
+    assert best is not None
+    q, sigma = best
     steps = config.federation.rounds * config.train.local_steps
     by_hand = {
         r: calibrate_noise_multiplier(
@@ -135,3 +137,20 @@ def test_without_sizes_the_simulations_own_sites_are_planned(
         n = int(line.split()[2].replace(",", ""))
         assert rho == pytest.approx(sigma * math.sqrt(2048) / (0.125 * n), rel=0.01)
         assert rho > 1
+
+
+def test_no_rate_is_recommended_when_sigma_is_fixed(
+    cls_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(cls_csv, "privacy.noise_multiplier=0.8")
+    assert best_sample_rate(config) is None
+    args = [
+        "plan",
+        "experiment=tiny_private",
+        f"data.path={cls_csv}",
+        "privacy.noise_multiplier=0.8",
+    ]
+    assert main([*args, "--site-examples", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "privacy.noise_multiplier fixes σ" in out.splitlines()[-1]
+    assert " 0.800 " in out  # the table shows the fixed σ
