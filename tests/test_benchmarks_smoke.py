@@ -286,7 +286,12 @@ def test_dp_choices_pairs_dp_with_no_dp_by_seed_and_renders_its_section(tmp_path
             gains = [r["accuracy"] - r["accuracy_without_lora"] for r in runs]
             assert figure["lora_gain"]["per_seed"] == [round(g, 4) for g in gains]
             assert figure["lora_gain"]["min"] == round(min(gains), 4)
-        assert by_kind["dp"]["accuracy"]["per_seed"] != by_kind["no_dp"]["accuracy"]["per_seed"]
+        # the DP runs spent the budget; the runs without DP spent none
+        for s in (0, 1):
+            assert large["runs"][f"{strategy}-no_dp@{s}"]["epsilon_spent"] is None
+            for kind in ("dp", "dp_choice"):
+                spent = large["runs"][f"{strategy}-{kind}@{s}"]["epsilon_spent"]
+                assert 7.9 < spent <= 8.0
     every_seed = report["targets"]["large_dp_choice_lora_gain_every_seed"]
     assert set(every_seed) == {"fedavg", "ffa"}
     for strategy, met in every_seed.items():
