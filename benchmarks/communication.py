@@ -51,7 +51,7 @@ from benchmarks import markdown as md
 from benchmarks.secagg_primitives import run_round
 from fedpeft.broadcast import encode, initial_values, is_derivable
 from fedpeft.config import StrategyConfig, compose_config
-from fedpeft.model import AdapterLayout, adapter_parameters, build_model
+from fedpeft.model import AdapterLayout, build_model
 from fedpeft.server.strategies import make_strategy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "communication.json"
@@ -84,7 +84,7 @@ def minilm_layout() -> tuple[AdapterLayout, int, str]:
     """(adapter layout, base-model parameters, description) of the embedded default."""
     config = compose_config([])
     loaded = build_model(config.model, config.lora, seed=config.seed)
-    adapter = {name for name, _ in adapter_parameters(loaded.peft_model)}
+    adapter = set(loaded.layout.names)
     base = sum(p.numel() for name, p in loaded.peft_model.named_parameters() if name not in adapter)
     desc = f"all-MiniLM-L6-v2 classifier, LoRA r={config.lora.r} on {config.lora.target_modules}"
     return loaded.layout, int(base), desc

@@ -357,19 +357,22 @@ class _DiracCanaries:
         norm: float,
         rng: np.random.Generator,
     ) -> None:
-        from fedpeft.model import is_head
+        from fedpeft.model import is_bias, is_head
 
-        # A head's coordinates carry the real examples' largest gradients: keep canaries on
-        # the LoRA factors, where the real signal per coordinate is small.
+        # A head's coordinates carry the real examples' largest gradients, and biases large
+        # ones: keep canaries on the LoRA factors, where the real signal per coordinate is
+        # small, or on the biases when no LoRA trains (BitFit).
         self.params = [p for _, p in params]
         eligible = [i for i, (name, _) in enumerate(params) if not is_head(name)]
+        if any(not is_bias(params[i][0]) for i in eligible):
+            eligible = [i for i in eligible if not is_bias(params[i][0])]
         sizes = np.array([self.params[i].numel() for i in eligible], dtype=np.int64)
         total = int(sizes.sum())
         if count > total:
             raise ConfigError(
-                f"--canaries {count}: Dirac canaries need one trained LoRA coordinate each and "
-                f"this adapter trains {total}; allowed 2 to {total}. Use fewer canaries, a "
-                "larger lora.r, or --kind input."
+                f"--canaries {count}: Dirac canaries need one trained LoRA coordinate (or bias) "
+                f"each and this adapter trains {total}; allowed 2 to {total}. Use fewer "
+                "canaries, a larger lora.r, or --kind input."
             )
         flat = np.sort(rng.choice(total, size=count, replace=False))  # distinct coordinates
         which = np.searchsorted(np.cumsum(sizes), flat, side="right")  # index into eligible
@@ -508,7 +511,7 @@ def run_audit(
         prepare_trainable,
         private_backward,
     )
-    from fedpeft.model import build_model, get_flat, resolve_device
+    from fedpeft.model import build_model, get_flat, resolve_device, scheduled
     from fedpeft.privacy import dp
     from fedpeft.privacy.binding import adapter_digest, release_binding, release_key, release_seed
     from fedpeft.server.strategies import make_strategy
@@ -527,7 +530,11 @@ def run_audit(
 
     device = resolve_device(config.train.device)
     loaded = build_model(config.model, config.lora, seed=config.seed, device=device)
-    trained_names = make_strategy(config.strategy, loaded.layout).trained_names()
+    # what a steady round trains: the schedule's last entry (it repeats) of the strategy's
+    layout = scheduled(
+        make_strategy(config.strategy, loaded.layout).trained_layout(), config.train.trainable[-1]
+    )
+    trained_names = layout.names
     named = prepare_trainable(loaded, trained_names)
     clip = config.privacy.max_grad_norm
     dirac = (

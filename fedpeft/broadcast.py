@@ -7,10 +7,12 @@ initialisation *rank-nested*: a site of rank ``r_i`` gets exactly the leading ``
 the rank-``r`` factor, and any site can rebuild the full-rank factor without building it.
 
 A global adapter then travels as the tensors that differ from that start (the classifier
-head always, since transformers initialises it from an unseeded RNG) plus a SHA-256 of the
-start values of those left out, which the site checks after rebuilding them. Under FFA-LoRA
+head always, since transformers initialises it from an unseeded RNG; the biases of
+``lora.bias`` always too, as their start is the base model's) plus a SHA-256 of the start
+values of those left out, which the site checks after rebuilding them. Under FFA-LoRA
 ``lora_A`` never leaves its start, so train and evaluate messages carry only ``lora_B`` and
-the head — the same bytes as the site's reply; in round 1 they carry only the head.
+the head — the same bytes as the site's reply; in round 1 they carry only the head (and the
+biases).
 
 peft owns the LoRA layers and their save format; this module replaces only the values of
 ``lora_A`` after ``get_peft_model`` (see :func:`fedpeft.model.build_model`).

@@ -32,6 +32,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast, get_args, get_type_hints
 
@@ -54,6 +55,7 @@ from fedpeft.names import (
     DatasetName,
     Device,
     Loader,
+    LoraBias,
     Optimizer,
     Partition,
     Pooling,
@@ -62,6 +64,9 @@ from fedpeft.names import (
     Task,
     Trainable,
 )
+
+#: train.trainable's entries in the order a schedule may take them (each trains a superset)
+_SCHEDULE = {entry: rank for rank, entry in enumerate(Trainable)}
 
 
 class ConfigError(ValueError):
@@ -109,6 +114,9 @@ class LoraSettings:
     # Indices of the transformer layers to adapt (peft's layers_to_transform); null: every
     # layer. Fewer adapted layers, fewer trained coordinates: less DP noise per signal.
     layers_to_transform: list[int] | None = None
+    # Biases the adapter also trains and saves (peft's LoraConfig.bias): all (BitFit, with
+    # train.trainable=[bias]: biases and head only) or lora_only (those of the adapted layers).
+    bias: LoraBias = LoraBias.none
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,8 @@ class TrainConfig:
     num_threads: int = 0
     # What each round trains, the last entry repeating: [head, lora] trains the classifier
     # head alone in round 1 (under DP it gets the whole clipping budget, as a linear probe
-    # before fine-tuning), then LoRA with the head. Head rounds come first; classification.
+    # before fine-tuning), then LoRA with the head; [bias] with lora.bias=all is BitFit (the
+    # biases and the head, never LoRA). Entries go head → bias → lora; head: classification.
     trainable: list[Trainable] = field(default_factory=lambda: [Trainable.lora])
 
 
@@ -400,6 +409,7 @@ def _name_problems(config: FedPeftConfig) -> list[str]:
         ("model.loader", config.model.loader, Loader),
         ("model.task", config.model.task, Task),
         ("model.pooling", config.model.pooling, Pooling),
+        ("lora.bias", config.lora.bias, LoraBias),
         ("data.dataset", config.data.dataset, DatasetName),
         ("train.optimizer", config.train.optimizer, Optimizer),
         ("train.device", config.train.device, Device),
@@ -482,17 +492,20 @@ def _problems(config: FedPeftConfig) -> list[str]:
             "train.trainable=[head,lora] (the last entry repeats)",
         ),
         (
-            Trainable.head not in t.trainable[t.trainable.index(Trainable.lora) :]
-            if Trainable.lora in t.trainable
-            else True,
-            f"train.trainable={[str(x) for x in t.trainable]}: head rounds come first (a head "
-            "round after a LoRA round would move LoRA by a server optimiser's momentum); e.g. "
-            "train.trainable=[head,head,lora]",
+            all(_SCHEDULE.get(a, 0) <= _SCHEDULE.get(b, 0) for a, b in pairwise(t.trainable)),
+            f"train.trainable={[str(x) for x in t.trainable]}: entries go head → bias → lora "
+            "(a round that trains less after one that trained more would move the rest by a "
+            "server optimiser's momentum); e.g. train.trainable=[head,head,lora]",
         ),
         (
-            Trainable.head not in t.trainable or not config.secagg.mixed_ranks,
+            Trainable.bias not in t.trainable or config.lora.bias != LoraBias.none,
+            f"train.trainable={[str(x) for x in t.trainable]} with lora.bias=none: the adapter "
+            "holds no biases to train; set lora.bias=all (BitFit) or lora.bias=lora_only",
+        ),
+        (
+            set(t.trainable) == {Trainable.lora} or not config.secagg.mixed_ranks,
             f"train.trainable={[str(x) for x in t.trainable]} with secagg.mixed_ranks=true: a "
-            "head round has no LoRA rank slots to count; use train.trainable=[lora] or "
+            "head or bias round has no LoRA rank slots to count; use train.trainable=[lora] or "
             "secagg.mixed_ranks=false",
         ),
         (

@@ -38,12 +38,27 @@ from transformers import (
 from fedpeft.broadcast import initial_lora_a
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
 from fedpeft.heads import BertMeanPoolingForSequenceClassification, mean_pooling_config
-from fedpeft.names import Loader, Task
+from fedpeft.names import Loader, LoraBias, Task, Trainable
 
 
 def is_head(name: str) -> bool:
     """Whether adapter tensor ``name`` is a trained copy of a head (peft ``modules_to_save``)."""
     return ".modules_to_save." in name
+
+
+def is_bias(name: str) -> bool:
+    """Whether adapter tensor ``name`` is a bias of the base model (``lora.bias``), not a head's."""
+    return name.endswith(".bias") and not is_head(name) and ".lora_" not in name
+
+
+def scheduled(trained: AdapterLayout, entry: Trainable) -> AdapterLayout:
+    """What a round of ``train.trainable`` entry ``entry`` trains of the strategy's ``trained``
+    tensors: the head alone, the biases and the head, or all of them."""
+    if entry == Trainable.head:
+        return trained.subset(is_head)
+    if entry == Trainable.bias:
+        return trained.subset(lambda name: is_head(name) or is_bias(name))
+    return trained
 
 
 @dataclass(frozen=True)
@@ -316,12 +331,49 @@ def resolve_device(name: str) -> torch.device:
 
 
 def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The adapter's tensors: LoRA factors and trained copies of heads (``modules_to_save``)."""
-    return [
-        (name, p)
-        for name, p in model.named_parameters()
-        if ".lora_" in name or ".modules_to_save." in name
+    """The adapter's tensors: what peft leaves trainable in a model fresh from
+    ``get_peft_model`` — LoRA factors, trained copies of heads (``modules_to_save``) and the
+    biases ``LoraConfig.bias`` names. peft's choice, read rather than re-derived, so the
+    adapter is what ``save_pretrained`` writes (training later changes ``requires_grad``:
+    call this before, as :func:`build_model` does, and read :attr:`LoadedModel.layout` after)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _freeze_unread_biases(model: torch.nn.Module) -> None:
+    """Freeze the biases peft made trainable that the forward pass never reads.
+
+    ``LoraConfig(bias="all")`` marks every bias trainable, also one of a module the model
+    does not call (the pooler of a mean-pooling classifier, :mod:`fedpeft.heads`): it gets no
+    gradient, so Opacus has no per-example gradient to clip (it raises) and the step would
+    add noise alone. One forward pass on four padding tokens, in eval mode (no dropout) and
+    with torch's generators forked (nothing else's random draws move), finds them: a bias out
+    of the graph has no gradient (``allow_unused``), whatever the input. A bias a model reads
+    only on some inputs (a mixture of experts' router) is not told apart: fedpeft's loaders
+    have none. A bias that is read but always gets a zero gradient (attention keys': softmax
+    ignores a shift of every score) stays, as in BitFit.
+    """
+    biases = [
+        (name, p) for name, p in model.named_parameters() if p.requires_grad and is_bias(name)
     ]
+    if not biases:
+        return
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    device = embeddings.weight.device
+    ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+    training = model.training
+    model.eval()
+    try:
+        forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with forked, torch.enable_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            grads = torch.autograd.grad(
+                logits.float().sum(), [p for _, p in biases], allow_unused=True
+            )
+    finally:
+        model.train(training)
+    for (_, p), grad in zip(biases, grads, strict=True):
+        if grad is None:
+            p.requires_grad_(False)
 
 
 def build_model(
@@ -362,6 +414,7 @@ def build_model(
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         layers_to_transform=layers,
+        bias=str(lora.bias),  # type: ignore[arg-type]  # a LoraBias member is peft's literal
     )
     torch.manual_seed(seed)
     try:
@@ -371,7 +424,15 @@ def build_model(
             f"lora.target_modules={list(lora.target_modules)} do not fit model "
             f"{model_config.loader!r}: {err}"
         ) from None
+    if lora.bias != LoraBias.none:
+        _freeze_unread_biases(peft_model)
     params = adapter_parameters(peft_model)
+    if lora.bias != LoraBias.none and not any(is_bias(name) for name, _ in params):
+        raise ConfigError(
+            f"lora.bias={lora.bias!r}: model {model_config.loader!r} has no bias terms "
+            f"{'in its adapted layers ' if lora.bias == LoraBias.lora_only else ''}to train "
+            "(Llama-family layers have none); use lora.bias=none"
+        )
     with torch.no_grad():  # rank-nested start values every side can rebuild (fedpeft.broadcast)
         for name, p in params:
             if ".lora_A." in name:

@@ -244,7 +244,9 @@ def _setup(inputs: CardInputs) -> list[str]:
         f"- Strategy: `{c.strategy.name}` (server optimiser {c.strategy.server_optimizer}, "
         f"server lr {c.strategy.server_lr}).",
         f"- LoRA: r = {lora.r}, alpha = {lora.alpha}, dropout = {lora.dropout}, targets "
-        f"{', '.join(f'`{t}`' for t in lora.target_modules)}.",
+        f"{', '.join(f'`{t}`' for t in lora.target_modules)}"
+        + (f", biases trained: `{lora.bias}`" if lora.bias != "none" else "")
+        + f"; rounds train {', '.join(f'`{e}`' for e in train.trainable)} (the last repeats).",
         f"- Local training: {train.optimizer}, lr {train.lr}, {train.local_steps} steps of "
         f"batch {train.batch_size} per round.",
         f"- Seed {c.seed}; fedpeft configuration in the run's `config.yaml`.",

@@ -27,6 +27,7 @@ __all__ = [
     "DatasetName",
     "Device",
     "Loader",
+    "LoraBias",
     "Optimizer",
     "Partition",
     "Pooling",
@@ -132,8 +133,19 @@ class Clipping(_Name):
     functorch = auto()  # per-sample gradients by torch.func
 
 
+class LoraBias(_Name):
+    """``lora.bias``: which of the base model's biases the adapter holds and trains (peft's
+    ``LoraConfig.bias``, saved in its adapter file)."""
+
+    none = auto()  # no bias: LoRA factors (and a classifier head) only
+    all = auto()  # every bias of the base model (BitFit, Ben Zaken et al. 2022)
+    lora_only = auto()  # the biases of the layers LoRA adapts
+
+
 class Trainable(_Name):
-    """An entry of ``train.trainable``: what the sites train in a round."""
+    """An entry of ``train.trainable``: what the sites train in a round. Each trains a
+    superset of the one before: a schedule goes head → bias → lora, never back."""
 
     head = auto()  # the classifier head alone: under DP it gets the whole clipping budget
-    lora = auto()  # LoRA's trained factors (as the strategy names them) and the head
+    bias = auto()  # the adapter's biases (lora.bias) and the head: BitFit when it repeats
+    lora = auto()  # LoRA's trained factors (as the strategy names them), biases and head

@@ -73,7 +73,7 @@ def noise_to_signal(*, sigma: float, sample_rate: float, num_train: int, coordin
 
 @dataclass(frozen=True)
 class CoordinateGroup:
-    """Trained coordinates of one kind (LoRA factors, the classifier head) and their ρ."""
+    """Trained coordinates of one kind (LoRA factors, biases, the classifier head) and their ρ."""
 
     name: str
     coordinates: int
@@ -101,47 +101,60 @@ class SitePlan:
     def expected_batch(self) -> float:
         return self.sample_rate * self.num_train
 
+    @property
+    def body(self) -> CoordinateGroup | None:
+        """The model's own trained coordinates: LoRA's, else the biases' (BitFit); the head is
+        rated beside them."""
+        return next((g for g in self.groups if g.name in ("LoRA", "bias")), None)
+
     def verdict(self) -> str:
         """One plain sentence: which coordinates can learn, and what would help."""
-        lora = next((g for g in self.groups if g.name == "LoRA"), None)
+        body = self.body
         head = next((g for g in self.groups if g.name == "head"), None)
         where = f"at N = {self.num_train:,} and q = {self.sample_rate:g}"
-        if lora is None:
+        if body is None:
             return f"{where}: no LoRA coordinates are trained"
-        if lora.learns:
+        label = "LoRA's" if body.name == "LoRA" else "the biases'"
+        if body.learns:
             return (
-                f"{where}: LoRA's {lora.coordinates:,} coordinates can learn "
-                f"(noise {lora.noise_to_signal:.2g}× the largest per-coordinate signal)"
+                f"{where}: {label} {body.coordinates:,} coordinates can learn "
+                f"(noise {body.noise_to_signal:.2g}× the largest per-coordinate signal)"
             )
         head_part = (
             f"; the head's {head.coordinates:,} can ({head.noise_to_signal:.2g}×)"
             if head is not None and head.learns
             else ""
         )
+        subject = "LoRA" if body.name == "LoRA" else "the biases"
         return (
-            f"{where} and d = {lora.coordinates:,} the noise is ~{lora.noise_to_signal:.2g}× "
-            f"any per-coordinate signal: LoRA will not learn{head_part}. Train fewer "
+            f"{where} and d = {body.coordinates:,} the noise is ~{body.noise_to_signal:.2g}× "
+            f"any per-coordinate signal: {subject} will not learn{head_part}. Train fewer "
             "coordinates (lora.r=1, fewer lora.target_modules), a larger "
             "privacy.sample_rate, fewer train.local_steps, or a larger site"
         )
 
 
 def trained_coordinates(config: FedPeftConfig) -> dict[str, int]:
-    """Coordinates each site trains, by kind (``LoRA``, ``head``), for this configuration's
-    model and strategy (the adapter is built on the CPU; no data is read)."""
+    """Coordinates each site trains, by kind (``LoRA``, ``bias``, ``head``), for this
+    configuration's model, strategy and schedule (the adapter is built on the CPU; no data is
+    read)."""
     import torch
 
-    from fedpeft.model import build_model, is_head
+    from fedpeft.model import build_model, is_bias, is_head
     from fedpeft.names import Trainable
     from fedpeft.server.strategies import make_strategy
 
     loaded = build_model(config.model, config.lora, seed=config.seed, device=torch.device("cpu"))
     layout = make_strategy(config.strategy, loaded.layout).trained_layout()
-    counts = {"LoRA": 0, "head": 0}
+    counts = {"LoRA": 0, "bias": 0, "head": 0}
     for name, shape in zip(layout.names, layout.shapes, strict=True):
-        counts["head" if is_head(name) else "LoRA"] += math.prod(shape)
-    if Trainable.lora not in config.train.trainable:  # a schedule of head rounds only
+        kind = "head" if is_head(name) else "bias" if is_bias(name) else "LoRA"
+        counts[kind] += math.prod(shape)
+    schedule = set(config.train.trainable)
+    if Trainable.lora not in schedule:  # head (and bias) rounds only: LoRA never trains
         counts["LoRA"] = 0
+    if not schedule & {Trainable.bias, Trainable.lora}:  # head rounds only
+        counts["bias"] = 0
     return counts
 
 
@@ -285,13 +298,15 @@ def table(plans: Sequence[SitePlan]) -> str:
 
 
 def warnings_for(plans: Sequence[SitePlan]) -> list[str]:
-    """What ``fedpeft simulate`` says before it starts: the sites whose LoRA cannot learn."""
-    stuck = [p for p in plans if any(g.name == "LoRA" and not g.learns for g in p.groups)]
+    """What ``fedpeft simulate`` says before it starts: the sites whose LoRA (or, without
+    LoRA, biases) cannot learn."""
+    stuck = [p for p in plans if p.body is not None and not p.body.learns]
     if not stuck:
         return []
-    worst = max(stuck, key=lambda p: max(g.noise_to_signal for g in p.groups if g.name == "LoRA"))
+    worst = max(stuck, key=lambda p: p.body.noise_to_signal if p.body is not None else 0.0)
+    what = "LoRA" if worst.body is not None and worst.body.name == "LoRA" else "the biases"
     return [
-        f"{len(stuck)} of {len(plans)} site(s) train LoRA under more DP noise than any "
+        f"{len(stuck)} of {len(plans)} site(s) train {what} under more DP noise than any "
         f"per-coordinate signal ('fedpeft plan' with the same overrides shows every site); "
         f"the worst, {worst.site}: {worst.verdict()}"
     ]

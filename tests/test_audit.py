@@ -241,3 +241,23 @@ def test_cli_bad_setting_exits_2(cls_csv: Path, capsys: pytest.CaptureFixture[st
     argv = ["audit", "experiment=tiny_private", f"data.path={cls_csv}", "--beta", "0"]
     assert main(argv) == 2
     assert "--beta 0.0" in capsys.readouterr().err
+
+
+def test_dirac_canaries_sit_on_lora_and_on_the_biases_only_when_no_lora_trains() -> None:
+    import numpy as np
+    import torch
+
+    from fedpeft.audit import _DiracCanaries
+
+    def param(n: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.zeros(n))
+
+    lora = ("base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight", 40)
+    bias = ("base_model.model.bert.encoder.layer.0.output.dense.bias", 30)
+    head = ("base_model.model.classifier.modules_to_save.default.weight", 20)
+    for trained, kept in (([lora, bias, head], {0}), ([bias, head], {0})):
+        params = [(name, param(n)) for name, n in trained]
+        canaries = _DiracCanaries(params, count=25, norm=1.0, rng=np.random.default_rng(0))
+        assert set(canaries.param_index.tolist()) == kept  # never the head; biases for BitFit
+    with pytest.raises(ConfigError, match="one trained LoRA coordinate \\(or bias\\)"):
+        _DiracCanaries([(head[0], param(20))], count=5, norm=1.0, rng=np.random.default_rng(0))

@@ -14,16 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from fedpeft import constants as K
 from fedpeft.cli import main
 from fedpeft.client.app import make_client_app
 from fedpeft.config import ConfigError, FedPeftConfig, compose_config
 from fedpeft.export import BASE_DIR
-from fedpeft.model import build_model, set_flat
+from fedpeft.model import build_model, get_flat, is_bias, is_head, set_flat, split_flat
 from fedpeft.model_card import parse_declaration
 from fedpeft.server.federation import run_federation
 from fedpeft.server.progress import Progress
@@ -170,16 +172,30 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FedPeftConfig, 
     return _run(tmp_path_factory.mktemp("llama"), "tiny_causal_lm", "federation.rounds=1")
 
 
-@pytest.mark.parametrize("which", ["mean", "llama"])
+@pytest.fixture(scope="module")
+def bitfit_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FedPeftConfig, Path]:
+    """BitFit on the mean-pooling head: the biases and the head train, LoRA stays at zero."""
+    return _run(
+        tmp_path_factory.mktemp("bitfit"),
+        "tiny_classification",
+        "model.pooling=mean",
+        "lora.bias=all",
+        "train.trainable=[bias]",
+        "federation.rounds=1",
+    )
+
+
+@pytest.mark.parametrize("which", ["mean", "llama", "bitfit"])
 @pytest.mark.parametrize("mode", ["run", "export", "merged"])
 def test_plain_libraries_load_every_adapter_with_fedpeft_logits(
     which: str,
     mode: str,
     mean_run: tuple[FedPeftConfig, Path],
     llama_run: tuple[FedPeftConfig, Path],
+    bitfit_run: tuple[FedPeftConfig, Path],
     tmp_path: Path,
 ) -> None:
-    config, run_dir = mean_run if which == "mean" else llama_run
+    config, run_dir = {"mean": mean_run, "llama": llama_run, "bitfit": bitfit_run}[which]
     folder = run_dir / "adapter"
     if mode != "run":
         folder = tmp_path / "out"
@@ -192,8 +208,26 @@ def test_plain_libraries_load_every_adapter_with_fedpeft_logits(
     plain = json.loads(line)
     expected = _fedpeft_logits(config, run_dir)
     torch.testing.assert_close(torch.tensor(plain["logits"]), expected, rtol=1e-5, atol=1e-5)
-    head = "BertMeanPoolingForSequenceClassification" if which == "mean" else "LlamaForCausalLM"
+    head = "LlamaForCausalLM" if which == "llama" else "BertMeanPoolingForSequenceClassification"
     assert plain["head"] == head
+
+
+def test_a_bitfit_adapter_saves_the_trained_biases_in_peft_format(
+    bitfit_run: tuple[FedPeftConfig, Path],
+) -> None:
+    config, run_dir = bitfit_run
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert saved["bias"] == "all"  # peft's LoraConfig.bias: PeftModel.from_pretrained reads it
+    loaded = build_model(config.model, config.lora, seed=config.seed)
+    start = split_flat(get_flat(loaded.peft_model, loaded.layout), loaded.layout)
+    checkpoint = RunDir(run_dir).latest_checkpoint()
+    assert checkpoint is not None
+    trained = split_flat(checkpoint.global_flat, loaded.layout)
+    moved = {n for n in loaded.layout.names if not np.array_equal(trained[n], start[n])}
+    assert {n for n in moved if is_bias(n)} and all(is_bias(n) or is_head(n) for n in moved)
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    for name in sorted(n for n in moved if is_bias(n)):  # under its own name, byte for byte
+        np.testing.assert_array_equal(weights[name].numpy(), trained[name])
 
 
 def test_mean_pooling_base_names_its_head_and_code(mean_run: tuple[FedPeftConfig, Path]) -> None:

@@ -9,15 +9,21 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedpeft import constants as K
+from fedpeft.client.site import load_site
+from fedpeft.client.train import DPSettings, train_local
 from fedpeft.config import ConfigError, LoraSettings, ModelConfig
 from fedpeft.model import (
     MODEL_LOADERS,
     build_model,
     get_flat,
+    is_bias,
+    is_head,
     save_adapter,
     set_flat,
     split_flat,
 )
+from tests.conftest import tiny_config
 
 TINY = {
     "classification": (
@@ -27,6 +33,10 @@ TINY = {
     "causal_lm": (
         ModelConfig(loader="tiny_llama", task="causal_lm", max_length=32),
         LoraSettings(r=4, target_modules=["q_proj", "v_proj"]),
+    ),
+    "bitfit": (  # LoRA and every bias (peft's bias="all")
+        ModelConfig(loader="tiny_bert", task="classification", max_length=32),
+        LoraSettings(r=4, target_modules=["query", "value"], bias="all"),
     ),
 }
 
@@ -38,7 +48,8 @@ def test_layout_is_exactly_the_trainable_adapter(task: str) -> None:
     trainable = {n: p.numel() for n, p in loaded.peft_model.named_parameters() if p.requires_grad}
     assert set(loaded.layout.names) == set(trainable)
     assert loaded.layout.size == sum(trainable.values())
-    assert all(".lora_" in n or ".modules_to_save." in n for n in loaded.layout.names)
+    assert all(".lora_" in n or is_head(n) or is_bias(n) for n in loaded.layout.names)
+    assert any(is_bias(n) for n in loaded.layout.names) == (lora.bias == "all")
     base = sum(p.numel() for p in loaded.peft_model.parameters())
     assert loaded.layout.size < 0.2 * base
 
@@ -87,6 +98,69 @@ def test_peft_export_round_trip_gives_same_logits(task: str, tmp_path: Path) -> 
     with torch.no_grad():
         plain = MODEL_LOADERS[model_config.loader](model_config)[0](input_ids=ids).logits
     assert not torch.allclose(plain, expected)  # the adapter is what the round trip carried
+
+
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_only_biases_the_forward_pass_reads_are_trained(pooling: str) -> None:
+    model_config = ModelConfig(
+        loader="tiny_bert", task="classification", max_length=32, pooling=pooling
+    )
+    lora = LoraSettings(r=4, target_modules=["query", "value"], bias="all")
+    loaded = build_model(model_config, lora, seed=0)
+    biases = [n for n in loaded.layout.names if is_bias(n)]
+    pooler = [n for n in biases if ".pooler." in n]
+    # a mean-pooling head never calls the pooler: its bias would get noise and no gradient
+    assert pooler == ([] if pooling == "mean" else ["base_model.model.bert.pooler.dense.bias"])
+    assert len(biases) == 17 + len(pooler)
+    adapted = build_model(
+        model_config, LoraSettings(r=4, target_modules=["query", "value"], bias="lora_only"), seed=0
+    )
+    only = [n for n in adapted.layout.names if is_bias(n)]
+    assert len(only) == 4 and all(
+        n.endswith(("query.base_layer.bias", "value.base_layer.bias")) for n in only
+    )
+
+
+def test_the_bias_probe_leaves_the_random_state_and_the_mode_as_they_were() -> None:
+    model_config = ModelConfig(loader="tiny_bert", task="classification", max_length=32)
+    states, modes = [], []
+    for bias in ("none", "all"):
+        loaded = build_model(model_config, LoraSettings(r=4, bias=bias), seed=0)
+        states.append(torch.get_rng_state())
+        modes.append(loaded.peft_model.training)
+    assert torch.equal(states[0], states[1]) and modes[0] == modes[1]
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "functorch"])
+def test_bitfit_on_a_mean_pooling_head_trains_under_dp(cls_csv: Path, clipping: str) -> None:
+    # the pooler's bias, unread, is out of the adapter: Opacus would raise on it
+    config = tiny_config("classification", cls_csv, "lora.bias=all", "model.pooling=mean")
+    site = load_site(config, {K.NODE_DATA_PATH: str(cls_csv), K.NODE_DEVICE: "cpu"})
+    names = [n for n in site.loaded.layout.names if is_bias(n) or is_head(n)]
+    result = train_local(
+        site.loaded,
+        site.data.train,
+        global_flat=get_flat(site.loaded.peft_model, site.loaded.layout),
+        trained_names=names,
+        config=site.config.train,
+        device=site.device,
+        seed=1,
+        dp=DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, clipping=clipping, sample_rate=0.1),
+    )
+    sizes = dict(zip(site.loaded.layout.names, site.loaded.layout.numels, strict=True))
+    # the embeddings' LayerNorm, 2 layers of 7 × 32 and 64 (intermediate), the head 2 × 32 + 2
+    assert result.delta.size == sum(sizes[n] for n in names) == 32 + 2 * (7 * 32 + 64) + 66
+    parts = np.split(result.delta, np.cumsum([sizes[n] for n in names])[:-1])
+    assert all(np.abs(part).max() > 0 for part in parts)  # every trained tensor stepped
+
+
+def test_a_model_without_biases_refuses_lora_bias() -> None:
+    model_config, _ = TINY["causal_lm"]
+    lora = LoraSettings(r=4, target_modules=["q_proj", "v_proj"], bias="all")
+    with pytest.raises(ConfigError, match="lora.bias='all': model 'tiny_llama' has no bias terms"):
+        build_model(model_config, lora, seed=0)
 
 
 def test_unknown_local_model_path(tmp_path: Path) -> None:

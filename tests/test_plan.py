@@ -36,8 +36,36 @@ def test_the_trained_coordinates_are_counted_by_strategy(cls_csv: Path) -> None:
     # tiny BERT: hidden 32, 2 layers, LoRA r = 8 on query and value; head 2×32 + 2
     ffa = trained_coordinates(_config(cls_csv, "strategy=ffa"))
     fedavg = trained_coordinates(_config(cls_csv, "strategy=fedavg"))
-    assert ffa == {"LoRA": 2 * 2 * 32 * 8, "head": 66}  # B only: A stays at its shared start
-    assert fedavg == {"LoRA": 2 * 2 * (32 * 8 + 8 * 32), "head": 66}
+    assert ffa == {"LoRA": 2 * 2 * 32 * 8, "bias": 0, "head": 66}  # B only: A stays at its start
+    assert fedavg == {"LoRA": 2 * 2 * (32 * 8 + 8 * 32), "bias": 0, "head": 66}
+
+
+def test_biases_are_counted_apart_and_only_in_rounds_that_train_them(cls_csv: Path) -> None:
+    # tiny BERT's biases: embeddings' LayerNorm 32; per layer query, key, value, attention
+    # output, its LayerNorm, output, its LayerNorm (32 each) and intermediate (64); pooler 32
+    every = 32 + 2 * (7 * 32 + 64) + 32
+    bitfit = trained_coordinates(_config(cls_csv, "lora.bias=all", "train.trainable=[bias]"))
+    assert bitfit == {"LoRA": 0, "bias": every, "head": 66}
+    both = trained_coordinates(_config(cls_csv, "lora.bias=all", "train.trainable=[bias,lora]"))
+    assert both == {"LoRA": 2 * 2 * (32 * 8 + 8 * 32), "bias": every, "head": 66}
+    adapted = trained_coordinates(_config(cls_csv, "lora.bias=lora_only"))
+    assert adapted["bias"] == 2 * 2 * 32  # query and value of 2 layers
+    probe = trained_coordinates(_config(cls_csv, "lora.bias=all", "train.trainable=[head,head]"))
+    assert probe == {"LoRA": 0, "bias": 0, "head": 66}
+    # the verdict rates the biases when LoRA does not train: ρ = 0.5·√640 / (0.05·N)
+    config = _config(cls_csv, "privacy.noise_multiplier=0.5", "privacy.sample_rate=0.05")
+    small = plan_site(config, site="s", num_train=100, coordinates=bitfit)
+    rho = 0.5 * math.sqrt(every) / (0.05 * 100)
+    assert {g.name: g.noise_to_signal for g in small.groups}["bias"] == pytest.approx(rho)
+    assert rho > 1 and "the biases will not learn" in small.verdict()
+    large = plan_site(config, site="s", num_train=1000, coordinates=bitfit)
+    assert warnings_for([large]) == []
+    (warning,) = warnings_for([large, small])
+    assert warning.startswith("1 of 2 site(s) train the biases under more DP noise")
+    assert large.verdict().endswith(
+        f"the biases' {every:,} coordinates can learn (noise "
+        f"{0.5 * math.sqrt(every) / 50:.2g}× the largest per-coordinate signal)"
+    )
 
 
 def test_the_verdict_flips_where_the_formula_says(cls_csv: Path) -> None:

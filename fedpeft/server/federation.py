@@ -48,10 +48,9 @@ from fedpeft.model import (
     LoadedModel,
     build_model,
     get_flat,
-    is_head,
     save_adapter,
+    scheduled,
 )
-from fedpeft.names import Trainable
 from fedpeft.report import write_report
 from fedpeft.server.aggregation import (
     Aggregation,
@@ -294,13 +293,13 @@ class Federation:
         return outcome
 
     def trained_in(self, round_number: int) -> AdapterLayout:
-        """What the sites train in ``round_number``: the strategy's tensors, or the head
-        alone where ``train.trainable`` says so for that round (its last entry repeats)."""
+        """What the sites train in ``round_number``, as ``train.trainable`` says for that round
+        (its last entry repeats): the strategy's tensors, the biases and the head, or the
+        head alone."""
         schedule = self.config.train.trainable
-        full = self.strategy.trained_layout()
-        if schedule[min(round_number, len(schedule)) - 1] == Trainable.head:
-            return full.subset(is_head)
-        return full
+        return scheduled(
+            self.strategy.trained_layout(), schedule[min(round_number, len(schedule)) - 1]
+        )
 
     def train_figures(self, nodes: list[int], outcome: RoundOutcome) -> dict[str, Any]:
         """The training fields of the round's :class:`RoundRecord`."""

@@ -64,10 +64,12 @@ def build_bert_classifier(
     target_modules: tuple[str, ...] = ("query", "value"),
     initializer_range: float = 0.02,
     pooling: str = "model",
+    bias: str = "none",
 ) -> nn.Module:
     """Tiny BERT classifier with LoRA on q/v and a trained classifier head, in train mode.
 
-    ``pooling="mean"`` gives :mod:`fedpeft.heads`' mean-pooling head (the embedded default's).
+    ``pooling="mean"`` gives :mod:`fedpeft.heads`' mean-pooling head (the embedded default's);
+    ``bias="all"`` trains every bias too (peft's LoraConfig.bias; BitFit's tensors).
 
     ``initializer_range`` is BERT's init std; at the default 0.02 a random 32-wide BERT maps
     every input to nearly the same pooled vector, so learning tests use a larger one.
@@ -102,6 +104,7 @@ def build_bert_classifier(
         lora_dropout=0.0,
         target_modules=list(target_modules),
         use_dora=use_dora,
+        bias=bias,  # type: ignore[arg-type]  # peft's Literal
     )
     model = get_peft_model(base, lora)
     model.train()

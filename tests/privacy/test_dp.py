@@ -67,9 +67,10 @@ def _model_and_batch(
     tiny: SimpleNamespace, kind: str, *, seed: int = 0
 ) -> tuple[nn.Module, object]:
     """A perturbed float64 model and a padded batch with examples of different lengths."""
-    if kind in ("bert", "bert-mean"):
+    if kind in ("bert", "bert-mean", "bert-bias"):
         pooling = "mean" if kind == "bert-mean" else "model"
-        model = tiny.build_bert_classifier(seed=seed, pooling=pooling)
+        bias = "all" if kind == "bert-bias" else "none"  # LoRA and every bias (BitFit's)
+        model = tiny.build_bert_classifier(seed=seed, pooling=pooling, bias=bias)
         batch = tiny.make_batch("classification", lengths=[5, 9, 3, 7, 6], seed=seed + 10)
     else:
         model = tiny.build_llama_lm(seed=seed)
@@ -106,7 +107,7 @@ def _private(model: nn.Module, loader: DataLoader[object], **kwargs: object) -> 
 # ---------------------------------------------------------------------------- (a) correctness
 
 
-@pytest.mark.parametrize("kind", ["bert", "bert-mean", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "bert-mean", "bert-bias", "llama"])
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_per_sample_grads_match_one_backward_per_example(
     tiny: SimpleNamespace, kind: str, mode: str
@@ -120,6 +121,8 @@ def test_per_sample_grads_match_one_backward_per_example(
 
     trainable = _trainable(model)
     assert set(reference) == set(trainable)
+    biases = [n for n in trainable if n.endswith(".bias") and ".modules_to_save." not in n]
+    assert len(biases) == (18 if kind == "bert-bias" else 0)  # the encoder's, the pooler's
     for name, p in trainable.items():
         assert p.grad_sample.shape == (batch.size, *p.shape), name
         torch.testing.assert_close(
@@ -134,7 +137,7 @@ def test_per_sample_grads_match_one_backward_per_example(
     session.close()
 
 
-@pytest.mark.parametrize("kind", ["bert", "bert-mean", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "bert-mean", "bert-bias", "llama"])
 @pytest.mark.parametrize("mode", MODES)
 def test_clipped_step_matches_reference(tiny: SimpleNamespace, kind: str, mode: str) -> None:
     """Noise-free step = -lr * sum_i clip(g_i) / E, with some examples clipped and some not."""
