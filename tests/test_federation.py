@@ -12,8 +12,9 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
+from fedpeft.client.site import order_key
 from fedpeft.config import ConfigError, FedPeftConfig
-from fedpeft.model import build_model
+from fedpeft.model import build_model, is_bias, is_head
 from fedpeft.server.federation import Federation, run_federation
 from fedpeft.server.progress import Progress
 from fedpeft.server.rundir import RunDir
@@ -261,17 +262,101 @@ def test_a_head_round_trains_the_head_alone_and_leaves_lora_at_its_start(
     assert not np.array_equal(federation.global_flat[lora], start[lora])
 
 
+def test_a_plain_round_repeats_wherever_the_sites_files_lie(cls_csv: Path, tmp_path: Path) -> None:
+    # without DP the example order comes from the seed, the round and the file's name: the
+    # same files in another folder (a benchmark's fresh temporary one) give the same round
+    config = tiny_config("classification", cls_csv, "federation.rounds=1")
+    flats = []
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        federation = Federation(
+            _grid(config, tmp_path / folder), config, RunDir(tmp_path / folder / "run"), Progress()
+        )
+        federation.train_round(1, [11, 22, 33])
+        flats.append(federation.global_flat.copy())
+    np.testing.assert_array_equal(flats[0], flats[1])
+    # and sites whose files share a name but not their rows still draw their own orders
+    same_name = [tmp_path / f"{site}" / "site.csv" for site in ("a", "b")]
+    keys = set()
+    for seed, path in enumerate(same_name):
+        path.parent.mkdir()
+        write_classification_csv(path, n=60, seed=seed)
+        keys.add(order_key(f"site {path}", {K.NODE_DATA_PATH: str(path)}))
+    assert len(keys) == 2
+
+
+def _sent_names(grid: InProcessGrid) -> dict[str, list[str]]:
+    """The tensor names each round's replies carried, by round (the message's group id)."""
+    return {
+        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
+        for m in grid.received
+        if K.LAYOUT in m.content.config_records
+    }
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_bitfit_rounds_move_the_biases_and_head_and_send_nothing_else(
+    cls_csv: Path, tmp_path: Path, strategy: str
+) -> None:
+    config = tiny_config(
+        "classification",
+        cls_csv,
+        "federation.rounds=2",
+        f"strategy={strategy}",
+        "lora.bias=all",
+        "train.trainable=[bias,bias,lora]",
+    )
+    grid = _grid(config, tmp_path)
+    federation = Federation(grid, config, RunDir(tmp_path / "run"), Progress())
+    layout = federation.loaded.layout
+    offsets = np.cumsum((0,) + layout.numels[:-1])
+    spans = {
+        n: slice(o, o + k) for n, o, k in zip(layout.names, offsets, layout.numels, strict=True)
+    }
+    biases = [n for n in layout.names if is_bias(n)]
+    # every bias of the tiny BERT's encoder, embeddings and pooler; peft's bias="all"
+    assert len(biases) == 18 and all(n.endswith(".bias") for n in biases)
+    start = federation.global_flat.copy()
+    federation.train_round(1, [11, 22, 33])
+    after = federation.global_flat
+    moved = {n for n in layout.names if not np.array_equal(after[spans[n]], start[spans[n]])}
+    assert moved and moved <= set(biases) | {n for n in layout.names if is_head(n)}
+    assert set(biases) & moved and not any(".lora_" in n for n in moved)
+    # what left each site: exactly the biases and the head, as many floats as they hold
+    expected = sorted(n for n in layout.names if is_bias(n) or is_head(n))
+    assert _sent_names(grid)["1"] == expected
+    size = sum(layout.numels[layout.names.index(n)] for n in expected)
+    flats = [m.content.array_records[K.ARRAYS][K.ARRAY_FLAT].numpy() for m in grid.received]
+    assert all(f.size == size for f in flats if f.size)
+    federation.train_round(3, [11, 22, 33])  # past the schedule's end: lora, with the biases
+    names = _sent_names(grid)["3"]
+    assert set(expected) <= set(names) and any(".lora_B." in n for n in names)
+    assert (".lora_A." in " ".join(names)) == (strategy == "fedavg")
+
+
 def test_a_schedule_is_checked(cls_csv: Path) -> None:
-    with pytest.raises(ConfigError, match=r"train.trainable='last': allowed \['head', 'lora'\]"):
+    allowed = r"allowed \['head', 'bias', 'lora'\]"
+    with pytest.raises(ConfigError, match=rf"train.trainable='last': {allowed}"):
         tiny_config("classification", cls_csv, "train.trainable=[head,last]")
     with pytest.raises(ConfigError, match="train.trainable is empty"):
         tiny_config("classification", cls_csv, "train.trainable=[]")
     with pytest.raises(ConfigError, match="a causal LM has no classifier head"):
         tiny_config("causal_lm", cls_csv, "train.trainable=[head,lora]")
-    # FedAdam's momentum would move LoRA in a head round after a LoRA round
-    with pytest.raises(ConfigError, match="head rounds come first"):
-        tiny_config("classification", cls_csv, "train.trainable=[lora,head]")
-    with pytest.raises(ConfigError, match="a head round has no LoRA rank slots"):
-        tiny_config(
-            "classification", cls_csv, "train.trainable=[head,lora]", "secagg.mixed_ranks=true"
-        )
+    # FedAdam's momentum would move LoRA in a head round after a LoRA round, biases likewise
+    for schedule in ("[lora,head]", "[lora,bias]", "[bias,head]", "[head,lora,head]"):
+        with pytest.raises(ConfigError, match="entries go head → bias → lora"):
+            tiny_config("classification", cls_csv, f"train.trainable={schedule}", "lora.bias=all")
+    tiny_config("classification", cls_csv, "train.trainable=[head,bias,lora]", "lora.bias=all")
+    with pytest.raises(ConfigError, match="lora.bias=none: the adapter holds no biases"):
+        tiny_config("classification", cls_csv, "train.trainable=[bias]")
+    with pytest.raises(ConfigError, match=r"lora.bias='every': allowed \['none', 'all'"):
+        tiny_config("classification", cls_csv, "lora.bias=every")
+    for schedule in ("[head,lora]", "[bias,lora]"):
+        with pytest.raises(ConfigError, match="a head or bias round has no LoRA rank slots"):
+            tiny_config(
+                "classification",
+                cls_csv,
+                f"train.trainable={schedule}",
+                "lora.bias=all",
+                "secagg.mixed_ranks=true",
+            )

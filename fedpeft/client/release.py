@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -228,7 +227,7 @@ def local_update(msg: Message, site: Site, *, session: str = "") -> LocalUpdate:
         },
     )
     noise_key = None
-    seed = config.seed * 1_000_003 + round_number * 7919 + zlib.crc32(site.name.encode())
+    seed = config.seed * 1_000_003 + round_number * 7919 + site.order_key
     if privacy is not None:
         privacy.charge(run_id=run_id, round_number=round_number, binding=binding)
         # Under DP the sampling and noise come from a key only the site can derive, bound to

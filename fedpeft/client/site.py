@@ -12,8 +12,10 @@ operator's own file.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
@@ -50,6 +52,8 @@ class Site:
     rank: int  # the LoRA rank this site trains, in [1, config.lora.r]
     # what the site publishes for generated answers (fedpeft.generate; empty: nothing)
     prompts: tuple[str, ...] = ()
+    # with the seed and the round, the order of examples without DP (see order_key)
+    order_key: int = 0
 
     @property
     def global_layout(self) -> AdapterLayout:
@@ -151,6 +155,21 @@ def site_rank(config: FedPeftConfig, node_config: Mapping[str, object]) -> int:
     return rank
 
 
+def order_key(name: str, node_config: Mapping[str, object]) -> int:
+    """What, with the seed and the round, sets a site's order of examples without DP: a CRC-32
+    of its data file's bytes (or of its partition's name), not of the file's path, so a run
+    repeats wherever its files lie (a benchmark's are in a fresh temporary folder each time)
+    and sites whose files share a name (``/data/site.csv``) still draw apart."""
+    data_path = node_config.get(K.NODE_DATA_PATH)
+    if not data_path:
+        return zlib.crc32(name.encode())
+    key = 0
+    with Path(str(data_path)).expanduser().open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            key = zlib.crc32(chunk, key)
+    return key
+
+
 def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
     """The site's resources, built once per process for a configuration and node."""
     device_name = str(node_config.get(K.NODE_DEVICE, config.train.device))
@@ -198,6 +217,7 @@ def load_site(config: FedPeftConfig, node_config: Mapping[str, object]) -> Site:
         data=data,
         device=device,
         rank=rank,
+        order_key=order_key(name, node_config),
         prompts=prompts,
     )
     _SITES[key] = site
