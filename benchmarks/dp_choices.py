@@ -1,4 +1,4 @@
-"""Private fine-tuning that adapts the model: a DP training choice against today's defaults.
+"""Private fine-tuning that adapts the model: a DP training choice against a baseline.
 
 The quality table of the DP-training issue, on :mod:`benchmarks.quality`'s machinery (one split
 into a pooled held-out set and Dirichlet sites, the real ClientApp and round loop on the
@@ -9,7 +9,9 @@ in-process grid, site randomness paired across the runs of one seed). Two settin
   sizes), where LoRA has the examples per step that its coordinates need.
 
 For each setting, strategy (``fedavg``, ``ffa``) and training seed it runs: no DP, DP at
-ε = 8 with today's training, and DP at ε = 8 with ``--choice`` (Hydra overrides). Reported,
+ε = 8 with ``--baseline`` (Hydra overrides; default ``privacy.sample_rate=0.03``, the embedded
+default before the DP-training issue) and DP at ε = 8 with ``--choice`` (default: none, the
+embedded default, ``privacy.sample_rate=0.2`` since that issue). Reported,
 means over the seeds with their range: accuracy; DP ÷ no DP of the same strategy; and LoRA's
 gain under DP — accuracy minus the same run with ΔW = B·A = 0 (the trained head kept) — per
 seed, so a gain that holds in every seed shows as such. No floor and no ceiling are run (the
@@ -17,7 +19,7 @@ quality sweep has them): what is compared is DP against no DP, paired by seed.
 
 Usage::
 
-    python -m benchmarks.dp_choices                       # --choice "privacy.sample_rate=0.1"
+    python -m benchmarks.dp_choices                       # q = 0.03 against the default q = 0.2
     python -m benchmarks.dp_choices --choice "lora.r=1 train.trainable=[head,lora]"
     python -m benchmarks.dp_choices --quick      # tiny in-process BERT, 1 seed (the smoke test)
 
@@ -50,8 +52,10 @@ STRATEGIES = ("fedavg", "ffa")
 EPSILON = 8.0
 #: name → (sites, Dirichlet α)
 SETTINGS = {"default": (10, 0.3), "large": (3, 1000.0)}
-#: name of each kind of run → overrides (the choice's are added by --choice)
+#: name of each kind of run (the baseline's and the choice's overrides come from the command)
 KINDS = ("no_dp", "dp", "dp_choice")
+#: the embedded default's sampling rate before the DP-training issue: what --baseline names
+BASELINE = "privacy.sample_rate=0.03"
 
 
 def _setting(args: argparse.Namespace, sites: int, alpha: float) -> quality.Setting:
@@ -73,10 +77,10 @@ def _setting(args: argparse.Namespace, sites: int, alpha: float) -> quality.Sett
     )
 
 
-def _runs(choice: Sequence[str]) -> dict[str, list[str]]:
+def _runs(choice: Sequence[str], baseline: Sequence[str]) -> dict[str, list[str]]:
     return {
         "no_dp": ["privacy.enabled=false"],
-        "dp": ["privacy.enabled=true", f"privacy.epsilon={EPSILON}"],
+        "dp": ["privacy.enabled=true", f"privacy.epsilon={EPSILON}", *baseline],
         "dp_choice": ["privacy.enabled=true", f"privacy.epsilon={EPSILON}", *choice],
     }
 
@@ -92,7 +96,11 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 
 
 def run_setting(
-    name: str, setting: quality.Setting, choice: Sequence[str], work: Path
+    name: str,
+    setting: quality.Setting,
+    choice: Sequence[str],
+    work: Path,
+    baseline: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every strategy × kind × seed of one setting; figures per strategy and kind."""
     pool = quality.make_pool(setting, work / "data")
@@ -108,7 +116,7 @@ def run_setting(
     index = 0
     for seed in seeds:  # seed outermost: a cut run still has whole seeds
         for strategy in STRATEGIES:
-            for kind, extra in _runs(choice).items():
+            for kind, extra in _runs(choice, baseline).items():
                 index += 1
                 key = f"{strategy}-{kind}@{seed}"
                 config = quality.compose(
@@ -183,15 +191,18 @@ def section(report: dict[str, Any]) -> list[str]:
         "",
         f"{s['model']} on {s['dataset']}, {s['rounds']} rounds × {s['local_steps']} steps, "
         f"ε = {s['epsilon']:g} per site, {len(s['seeds'])} training seeds (site randomness "
-        f"paired by seed); mean (min – max over seeds). Choice: `{s['choice']}`.",
+        f"paired by seed); mean (min – max over seeds). Baseline: "
+        f"`{s.get('baseline') or 'the embedded default'}`; choice: "
+        f"`{s['choice'] or 'the embedded default'}`.",
         "",
     ]
-    labels = {"no_dp": "no DP", "dp": "DP, today's training", "dp_choice": "DP, the choice"}
+    labels = {"no_dp": "no DP", "dp": "DP, the baseline", "dp_choice": "DP, the choice"}
     for name, setting in report["settings"].items():
         sizes = setting["site_sizes"]
         out += [
             f"**{name}**: {setting['sites']} sites (Dirichlet α = {setting['alpha']:g}; "
-            f"{min(sizes):,}–{max(sizes):,} training examples each)",
+            f"{min(sizes):,}–{max(sizes):,} training examples each)"
+            + (f". {setting['note']}" if setting.get("note") else ""),
             "",
         ]
         rows = []
@@ -245,6 +256,7 @@ def write(
         "sample_rate": config.privacy.sample_rate,
         "accountant": config.privacy.accountant,
         "choice": args.choice,
+        "baseline": args.baseline,
         "seeds": first["seeds"],
         "quick": bool(args.quick),
     }
@@ -266,14 +278,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="local steps per round (default 3)")
     parser.add_argument(
         "--choice",
-        default="privacy.sample_rate=0.1",
-        help="Hydra overrides of the DP training choice, one string",
+        default="",
+        help="Hydra overrides of the DP training choice, one string (default: none)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help=f"Hydra overrides of the DP run it is compared with (default {BASELINE!r})",
     )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON")
     args = parser.parse_args(argv)
-    choice = shlex.split(args.choice)
-    compose_config(choice)  # a bad choice fails here, before any work
+    choice, baseline = shlex.split(args.choice), shlex.split(args.baseline)
+    for overrides in (choice, baseline):
+        compose_config(overrides)  # a bad one fails here, before any work
     datasets.disable_progress_bars()
     report: dict[str, Any] = {"benchmark": "dp_choices", "settings": {}}
     with (
@@ -291,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.settings:
             sites, alpha = SETTINGS[name]
             setting = _setting(args, sites, alpha)
-            report["settings"][name] = run_setting(name, setting, choice, Path(work) / name)
+            report["settings"][name] = {
+                **run_setting(name, setting, choice, Path(work) / name, baseline),
+                "choice": args.choice,  # per setting too: a merged report may mix runs
+            }
             path = write(report, args, setting, seconds=time.perf_counter() - start)
     print("\n".join(section(report)))
     print(f"wrote {path} ({report['seconds']:.0f} s)")

@@ -302,5 +302,9 @@ def test_dp_choices_pairs_dp_with_no_dp_by_seed_and_renders_its_section(tmp_path
 
     text = "\n".join(section(report))
     assert text.startswith("## DP training choices (`dp_choices.py`)")
-    assert "Choice: `lora.r=1 train.trainable=[head,lora]`" in text
+    assert (
+        "Baseline: `privacy.sample_rate=0.03`; choice: `lora.r=1 train.trainable=[head,lora]`"
+        in text
+    )
+    assert report["setting"]["baseline"] == "privacy.sample_rate=0.03"  # the DP runs it beats
     assert text.count("| ffa | DP, the choice |") == 1
