@@ -12,8 +12,10 @@ import pytest
 from fedpeft import constants as K
 from fedpeft.client.app import make_client_app
 from fedpeft.config import FedPeftConfig, compose_config
+from fedpeft.model import build_model, get_flat, is_bias, is_head, split_flat
 from fedpeft.privacy.calibration import compute_epsilon
 from fedpeft.server.federation import run_federation
+from fedpeft.server.rundir import RunDir
 from fedpeft.testing import InProcessGrid, write_classification_csv
 
 pytestmark = [
@@ -226,3 +228,22 @@ def test_a_round_with_other_inputs_is_charged_again(tmp_path: Path) -> None:
         ("fed", 1, "a"),
         ("fed", 1, "b"),
     ]
+
+
+def test_a_private_bitfit_federation_under_secure_aggregation_moves_only_biases_and_head(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, "lora.bias=all", "train.trainable=[bias]", "secagg.enabled=true")
+    run_federation(_grid(config, tmp_path), config, run_dir=tmp_path / "run")
+    rows = _rows(tmp_path / "run")
+    assert [r["updated"] for r in rows] == [True, True] and all(r["secagg"] for r in rows)
+    for node in NODES:  # each BitFit round charged once, within the target
+        assert [e["round"] for e in _ledger(tmp_path, node)["entries"]] == [1, 2]
+        assert 0 < rows[-1]["epsilon"][str(node)] <= config.privacy.epsilon
+    loaded = build_model(config.model, config.lora, seed=config.seed)
+    start = split_flat(get_flat(loaded.peft_model, loaded.layout), loaded.layout)
+    checkpoint = RunDir(tmp_path / "run").latest_checkpoint()
+    assert checkpoint is not None
+    end = split_flat(checkpoint.global_flat, loaded.layout)
+    moved = {n for n in loaded.layout.names if not np.array_equal(start[n], end[n])}
+    assert any(is_bias(n) for n in moved) and all(is_bias(n) or is_head(n) for n in moved)
