@@ -218,6 +218,15 @@ def test_lora_on_chosen_layers_at_rank_one_trains_and_sends_only_those(
     assert saved["layers_to_transform"] == [1] and saved["r"] == 1  # peft's own save format
 
 
+def _sent_names(grid: InProcessGrid) -> dict[str, list[str]]:
+    """The tensor names each round's replies carried, by round (the message's group id)."""
+    return {
+        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
+        for m in grid.received
+        if K.LAYOUT in m.content.config_records
+    }
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedsvd"])
 def test_a_head_round_trains_the_head_alone_and_leaves_lora_at_its_start(
     cls_csv: Path, tmp_path: Path, strategy: str
@@ -246,19 +255,10 @@ def test_a_head_round_trains_the_head_alone_and_leaves_lora_at_its_start(
     after_head = federation.global_flat.copy()
     np.testing.assert_array_equal(after_head[lora], start[lora])  # A and B as they started
     assert not np.array_equal(after_head, start)  # the head moved
-    sent = {
-        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
-        for m in grid.received
-        if K.LAYOUT in m.content.config_records
-    }
+    sent = _sent_names(grid)
     assert sent["1"] and all(".modules_to_save." in n for n in sent["1"])
     federation.train_round(2, [11, 22, 33])
-    sent = {
-        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
-        for m in grid.received
-        if K.LAYOUT in m.content.config_records
-    }
-    assert any(".lora_B." in n for n in sent["2"])  # the last entry, lora, repeats
+    assert any(".lora_B." in n for n in _sent_names(grid)["2"])  # the last entry, lora, repeats
     assert not np.array_equal(federation.global_flat[lora], start[lora])
 
 
@@ -283,15 +283,6 @@ def test_a_plain_round_repeats_wherever_the_sites_files_lie(cls_csv: Path, tmp_p
         write_classification_csv(path, n=60, seed=seed)
         keys.add(order_key(f"site {path}", {K.NODE_DATA_PATH: str(path)}))
     assert len(keys) == 2
-
-
-def _sent_names(grid: InProcessGrid) -> dict[str, list[str]]:
-    """The tensor names each round's replies carried, by round (the message's group id)."""
-    return {
-        m.metadata.group_id: sorted(m.content.config_records[K.LAYOUT][K.LAYOUT_NAMES])  # type: ignore[arg-type]
-        for m in grid.received
-        if K.LAYOUT in m.content.config_records
-    }
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
