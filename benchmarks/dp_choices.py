@@ -193,9 +193,21 @@ def section(report: dict[str, Any]) -> list[str]:
         f"ε = {s['epsilon']:g} per site, {len(s['seeds'])} training seeds (site randomness "
         f"paired by seed); mean (min – max over seeds). Baseline: "
         f"`{s.get('baseline') or 'the embedded default'}`; choice: "
-        f"`{s['choice'] or 'the embedded default'}`.",
+        f"`{s['choice'] or 'the embedded default'}`"
+        + ("" if s["choice"] else f" (`privacy.sample_rate={s['sample_rate']:g}`)")
+        + ".",
         "",
     ]
+    if "batch_size" in s:
+        n = max(max(setting["site_sizes"]) for setting in report["settings"].values())
+        out += [
+            f"Without DP a site trains batches of `train.batch_size` = {s['batch_size']}; "
+            "under DP it draws Poisson batches of q·N expected examples "
+            f"({s['sample_rate'] * n:,.0f} at q = {s['sample_rate']:g} and N = {n:,}), so in "
+            "the same steps a DP run reads more examples and ÷ no DP can exceed 1: that is "
+            "the batch, not a gain from the noise.",
+            "",
+        ]
     labels = {"no_dp": "no DP", "dp": "DP, the baseline", "dp_choice": "DP, the choice"}
     for name, setting in report["settings"].items():
         sizes = setting["site_sizes"]
@@ -254,6 +266,7 @@ def write(
         "epsilon": EPSILON,
         "delta": config.privacy.delta,
         "sample_rate": config.privacy.sample_rate,
+        "batch_size": config.train.batch_size,
         "accountant": config.privacy.accountant,
         "choice": args.choice,
         "baseline": args.baseline,

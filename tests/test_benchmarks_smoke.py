@@ -308,3 +308,12 @@ def test_dp_choices_pairs_dp_with_no_dp_by_seed_and_renders_its_section(tmp_path
     )
     assert report["setting"]["baseline"] == "privacy.sample_rate=0.03"  # the DP runs it beats
     assert text.count("| ffa | DP, the choice |") == 1
+    # the reader is told why DP ÷ no DP can pass 1: without DP a batch is train.batch_size,
+    # under DP it is q·N expected (the largest site's, at the recorded rate)
+    batch, q, n = (
+        report["setting"]["batch_size"],
+        report["setting"]["sample_rate"],
+        max(large["site_sizes"]),
+    )
+    assert f"`train.batch_size` = {batch};" in text
+    assert f"({q * n:,.0f} at q = {q:g} and N = {n:,})" in text
